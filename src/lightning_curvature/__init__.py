@@ -1,0 +1,40 @@
+"""lightning-curvature: Hessian curvature of the training loss, logged next to it while Lightning trains.
+
+The math layers (:mod:`~lightning_curvature.operators`, :mod:`~lightning_curvature.estimators`) are plain torch;
+:class:`CurvatureMonitor` (which imports Lightning) is loaded on first access, so
+``from lightning_curvature import HessianOperator, hutchinson_trace`` never imports Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .estimators import EigenResult, TraceResult, hutchinson_trace, power_iteration, random_probes
+from .operators import DenseOperator, HessianOperator, HVPUnsupportedError, as_operator, module_loss_fn
+
+if TYPE_CHECKING:
+    from .callback import CurvatureMonitor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureMonitor",
+    "DenseOperator",
+    "EigenResult",
+    "HVPUnsupportedError",
+    "HessianOperator",
+    "TraceResult",
+    "as_operator",
+    "hutchinson_trace",
+    "module_loss_fn",
+    "power_iteration",
+    "random_probes",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CurvatureMonitor":
+        from .callback import CurvatureMonitor
+
+        return CurvatureMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

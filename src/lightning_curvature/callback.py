@@ -1,0 +1,422 @@
+"""``CurvatureMonitor``: a thin Lightning adapter over the operators and estimators."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from ._guard import rng_guard, training_state_guard
+from .estimators import DISTRIBUTIONS, hutchinson_trace, power_iteration
+from .operators import BACKENDS, HessianOperator, HVPUnsupportedError, module_loss_fn
+
+__all__ = ["CurvatureMonitor"]
+
+METRICS: tuple[str, ...] = ("trace", "eigenvalues")
+DATA: tuple[str, ...] = ("current", "fixed")
+MODES: tuple[str, ...] = ("eval", "train")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+LOSS_HOOK = "curvature_loss"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
+
+
+class CurvatureMonitor(Callback):
+    r"""Log Hessian curvature of the training loss every N optimizer steps, next to the loss.
+
+    At each estimate the callback builds the Hessian operator ``H = ∇²_θ L(θ)`` of the training loss with respect to
+    the module's trainable parameters (``requires_grad=True``), on the batch about to be trained on (or on fixed
+    batches), at the current weights, and runs Hutchinson's trace estimator and power iteration on it. ``L`` is the
+    loss exactly as ``training_step`` returns it (a mean loss gives a Hessian ``1/N`` of a summed one).
+
+    **Which Hessian.** With ``mode="eval"`` (default) the network is evaluated in eval mode (BatchNorm uses running
+    statistics, dropout is off). With ``mode="train"`` it runs in train mode, BatchNorm normalises with batch
+    statistics without updating the running ones, and dropout masks are fixed for all products of one estimate.
+
+    **Invisible to training.** Nothing is backpropagated into ``.grad``; parameters, buffers (BatchNorm running
+    statistics), train/eval flags, optimizer state, torchmetrics states, and the torch/CUDA/NumPy/Python RNG streams
+    are as before after each estimate, and ``self.log`` calls inside ``training_step`` are silenced while it is
+    re-run. Probes come from the callback's own ``torch.Generator``. A run with the callback ends with the same
+    weights, bit for bit, as one without.
+
+    **When.** At the start of every training batch whose ``trainer.global_step`` (optimizer steps taken so far) is a
+    multiple of ``every_n_train_steps``, once per optimizer step (gradient accumulation does not repeat it), never
+    during sanity checking or validation. Step 0 (the initial weights) is measured. Values go to every attached
+    logger at the step the loss of that batch is logged at, and into ``trainer.callback_metrics`` (so
+    ``ModelCheckpoint``/``EarlyStopping`` can monitor them).
+
+    **Logged keys** (with the default ``log_prefix="curvature/"``):
+
+    - ``curvature/loss``: the loss at which the Hessian was measured (same batch, mode and weights).
+    - ``curvature/trace``: Hutchinson estimate of ``tr(H)``; ``curvature/trace_stderr``: its standard error.
+    - ``curvature/eig_1`` ... ``curvature/eig_k``: the ``top_k`` eigenvalues found by power iteration, sorted
+      descending (algebraic). Power iteration finds the largest *magnitudes*, so a large negative eigenvalue can
+      appear among them.
+    - ``curvature/num_hvps``: Hessian-vector products spent on this estimate.
+    - ``curvature/seconds``: wall time of this estimate.
+
+    **The loss.** By default the callback calls ``training_step(batch, batch_idx)`` and uses its return value (a
+    tensor, or a dict with ``"loss"``). A module may instead define ``curvature_loss(self, batch) -> Tensor``; it is
+    used when present (needed for manual optimisation, whose ``training_step`` steps optimizers).
+
+    **Faults.** A non-finite loss or product skips that estimate with one warning; training continues and later
+    estimates run. An op without second derivatives in both backends gives one warning and switches the callback
+    off for the rest of the run.
+
+    Args:
+        every_n_train_steps: estimate every this many optimizer steps (>= 1).
+        top_k: number of top eigenvalues (>= 1).
+        num_probes: maximum Hutchinson probes per estimate (>= 2).
+        trace_rtol: stop Hutchinson early when ``stderr <= trace_rtol * |trace|``; ``None`` uses all probes.
+        max_iter: maximum products per eigenpair in power iteration (>= 1).
+        tol: power iteration's relative residual tolerance ``‖Hv − λv‖ ≤ tol·|λ|`` (> 0).
+        data: ``"current"`` (the batch about to be trained on) or ``"fixed"`` (``num_batches`` batches drawn once
+            at fit start from the train dataloader and reused, so curves are comparable over time).
+        num_batches: with ``data="fixed"``, how many batches; the Hessian is their batch-size weighted average.
+        mode: ``"eval"`` or ``"train"`` (see above).
+        backend: ``"auto"``, ``"double-backward"`` or ``"forward-over-reverse"``
+            (see :class:`~lightning_curvature.HessianOperator`).
+        dtype: ``"float32"`` or ``"float64"``, the dtype of the products (autocast is always off for them).
+        distribution: Hutchinson probes, ``"rademacher"`` or ``"normal"``.
+        warm_start: start power iteration from the previous estimate's eigenvectors.
+        seed: seed of the callback's own generator.
+        metrics: which to compute, any of ``("trace", "eigenvalues")``.
+        log_prefix: prefix of every logged key.
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int = 100,
+        top_k: int = 1,
+        num_probes: int = 20,
+        trace_rtol: float | None = None,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        data: str = "current",
+        num_batches: int = 1,
+        mode: str = "eval",
+        backend: str = "auto",
+        dtype: str = "float32",
+        distribution: str = "rademacher",
+        warm_start: bool = True,
+        seed: int = 0,
+        metrics: Sequence[str] = METRICS,
+        log_prefix: str = "curvature/",
+    ) -> None:
+        _check_int("every_n_train_steps", every_n_train_steps, 1)
+        _check_int("top_k", top_k, 1)
+        _check_int("num_probes", num_probes, 2)
+        _check_int("max_iter", max_iter, 1)
+        _check_int("num_batches", num_batches, 1)
+        _check_int("seed", seed, 0)
+        if trace_rtol is not None and (isinstance(trace_rtol, bool) or not isinstance(trace_rtol, (int, float))
+                                       or not trace_rtol > 0):
+            raise ValueError(f"`trace_rtol` must be a positive float or None, got {trace_rtol!r}.")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"`tol` must be a positive float, got {tol!r}.")
+        _check_choice("data", data, DATA)
+        _check_choice("mode", mode, MODES)
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("dtype", dtype, tuple(DTYPES))
+        _check_choice("distribution", distribution, DISTRIBUTIONS)
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        metrics = list(metrics)
+        if not metrics:
+            raise ValueError(f"`metrics` must name at least one of {METRICS}, got an empty list.")
+        for m in metrics:
+            _check_choice("metrics", m, METRICS)
+        if data == "current" and num_batches != 1:
+            raise ValueError(
+                f"`num_batches={num_batches}` needs `data='fixed'`; with data='current' the estimate uses the one "
+                "batch being trained on."
+            )
+        if not isinstance(log_prefix, str):
+            raise ValueError(f"`log_prefix` must be a string, got {log_prefix!r}.")
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"`warm_start` must be True or False, got {warm_start!r}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.top_k = top_k
+        self.num_probes = num_probes
+        self.trace_rtol = trace_rtol
+        self.max_iter = max_iter
+        self.tol = float(tol)
+        self.data = data
+        self.num_batches = num_batches
+        self.mode = mode
+        self.backend = backend
+        self.dtype = dtype
+        self.distribution = distribution
+        self.warm_start = warm_start
+        self.seed = seed
+        self.metrics = tuple(dict.fromkeys(metrics))
+        self.log_prefix = log_prefix
+
+        self._generator = torch.Generator().manual_seed(seed)
+        self._last_step = -1
+        self._num_estimates = 0
+        self._eigenvectors: Tensor | None = None
+        self._fixed_batches: list[Any] | None = None
+        self._disabled = False
+        self._warned: set[str] = set()
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_train_steps=self.every_n_train_steps, top_k=self.top_k, log_prefix=self.log_prefix
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "num_estimates": self._num_estimates,
+            "generator_state": self._generator.get_state(),
+            "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.detach().cpu(),
+            "disabled": self._disabled,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        self._num_estimates = int(state_dict["num_estimates"])
+        self._generator.set_state(state_dict["generator_state"])
+        self._eigenvectors = state_dict.get("eigenvectors")
+        self._disabled = bool(state_dict.get("disabled", False))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise ValueError(
+                f"CurvatureMonitor: {type(pl_module).__name__} has no trainable parameters (none with "
+                "requires_grad=True), so there is no Hessian to measure."
+            )
+        if not pl_module.automatic_optimization and not callable(getattr(pl_module, LOSS_HOOK, None)):
+            raise ValueError(
+                f"CurvatureMonitor: {type(pl_module).__name__} uses manual optimisation, whose training_step steps the "
+                f"optimizers and cannot be re-run. Define `{LOSS_HOOK}(self, batch) -> Tensor` returning the loss."
+            )
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"CurvatureMonitor does not support multi-process training yet (world_size={trainer.world_size}); "
+                "supported: a single device (CPU, one GPU)."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.data == "fixed" and self._fixed_batches is None:
+            self._fixed_batches = self._draw_fixed_batches(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._disabled or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if step % self.every_n_train_steps != 0 or step == self._last_step:
+            return
+        self._last_step = step
+        batches = self._fixed_batches if self.data == "fixed" else [(batch, batch_idx)]
+        assert batches is not None
+        values = self.estimate(pl_module, batches)
+        if values:
+            self._log(trainer, values)
+
+    # ------------------------------------------------------------------ the estimate
+    def estimate(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]]) -> dict[str, float]:
+        """Measure the curvature of ``pl_module``'s training loss on ``batches`` (``(batch, batch_idx)`` pairs).
+
+        Returns the metrics (keys without prefix), or ``{}`` when the estimate was skipped. Leaves the module and
+        every RNG stream as they were.
+        """
+        start = time.perf_counter()
+        dtype = DTYPES[self.dtype]
+        closure = self._loss_closure(pl_module, batches, dtype)
+        out: dict[str, float] = {}
+        with training_state_guard(pl_module):
+            params = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
+            loss_fn, theta = module_loss_fn(
+                pl_module, closure, params=params, dtype=dtype, mode=self.mode, seed=self._num_estimates
+            )
+            op = HessianOperator(loss_fn, theta, backend=self.backend, dtype=dtype)  # type: ignore[arg-type]
+            try:
+                out = self._run_estimators(op)
+            except HVPUnsupportedError as err:
+                self._disabled = True
+                self._warn_once("unsupported", f"CurvatureMonitor switched off: {err}")
+                return {}
+            except _SkipEstimate as skip:
+                self._warn_once(skip.key, str(skip))
+                return {}
+            finally:
+                op.release()
+        self._num_estimates += 1
+        out["num_hvps"] = float(op.num_matvecs)
+        out["seconds"] = time.perf_counter() - start
+        self.last_metrics = out
+        return out
+
+    def _run_estimators(self, op: HessianOperator) -> dict[str, float]:
+        loss = op.loss
+        if not math.isfinite(loss):
+            raise _SkipEstimate(
+                "nonfinite",
+                f"CurvatureMonitor skipped an estimate: the loss is {loss}. Estimates resume once it is finite.",
+            )
+        out: dict[str, float] = {"loss": loss}
+        if "eigenvalues" in self.metrics:
+            init = self._eigenvectors if self.warm_start else None
+            if init is not None and init.shape[0] != op.shape[0]:
+                init = None
+            eig = power_iteration(
+                op, self.top_k, max_iter=self.max_iter, tol=self.tol, init=init, generator=self._generator
+            )
+            self._check_finite(eig.eigenvalues)
+            self._eigenvectors = eig.eigenvectors.detach()
+            for i, value in enumerate(torch.sort(eig.eigenvalues, descending=True).values.tolist(), start=1):
+                out[f"eig_{i}"] = value
+        if "trace" in self.metrics:
+            tr = hutchinson_trace(
+                op, self.num_probes, rtol=self.trace_rtol, distribution=self.distribution,  # type: ignore[arg-type]
+                generator=self._generator,
+            )
+            self._check_finite(torch.tensor([tr.value]))
+            out["trace"] = tr.value
+            out["trace_stderr"] = tr.stderr
+        return out
+
+    def _check_finite(self, values: Tensor) -> None:
+        if not bool(torch.isfinite(values).all()):
+            raise _SkipEstimate(
+                "nonfinite", "CurvatureMonitor skipped an estimate: a Hessian-vector product is not finite."
+            )
+
+    def _loss_closure(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], dtype: torch.dtype) -> Any:
+        from .operators import _cast
+
+        hook = getattr(pl_module, LOSS_HOOK, None)
+        sizes = [_batch_size(b) for b, _ in batches]
+        total = float(sum(sizes))
+        weights = [s / total for s in sizes]
+        takes_idx = "batch_idx" in inspect.signature(pl_module.training_step).parameters
+
+        def closure(module: pl.LightningModule) -> Tensor:
+            loss: Tensor | None = None
+            for (batch, idx), w in zip(batches, weights):
+                batch = _cast(batch, dtype)
+                if callable(hook):
+                    value = module.curvature_loss(batch)  # type: ignore[operator]
+                else:
+                    value = module.training_step(batch, idx) if takes_idx else module.training_step(batch)
+                value = _extract_loss(value)
+                term = value if len(batches) == 1 else w * value
+                loss = term if loss is None else loss + term
+            assert loss is not None
+            return loss
+
+        return closure
+
+    # ------------------------------------------------------------------ data
+    def _draw_fixed_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[Any, int]]:
+        """Draw ``num_batches`` batches once, with a generator of their own (so a resumed run draws the same)."""
+        loader: Any = trainer.train_dataloader
+        if isinstance(loader, CombinedLoader):
+            loader = loader.flattened[0]
+        generator = torch.Generator().manual_seed(self.seed)
+        raw: list[Any] = []
+        with rng_guard([pl_module.device]):
+            torch.manual_seed(self.seed)
+            if (
+                isinstance(loader, DataLoader)
+                and not isinstance(loader.dataset, IterableDataset)
+                and loader.batch_size is not None
+                and hasattr(loader.dataset, "__len__")
+            ):
+                n = len(loader.dataset)  # type: ignore[arg-type]
+                order = torch.randperm(n, generator=generator)[: loader.batch_size * self.num_batches]
+                for chunk in order.split(loader.batch_size):
+                    raw.append(loader.collate_fn([loader.dataset[int(i)] for i in chunk]))
+            else:
+                if isinstance(loader, DataLoader):
+                    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+                for batch in loader:
+                    raw.append(batch)
+                    if len(raw) == self.num_batches:
+                        break
+        if not raw:
+            raise ValueError("CurvatureMonitor(data='fixed'): the train dataloader yielded no batch.")
+        out = []
+        for i, batch in enumerate(raw):
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            out.append((batch, i))
+        return out
+
+    # ------------------------------------------------------------------ output
+    def _log(self, trainer: pl.Trainer, values: dict[str, float]) -> None:
+        metrics = {self.log_prefix + k: v for k, v in values.items()}
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+
+class _SkipEstimate(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _extract_loss(value: Any) -> Tensor:
+    if isinstance(value, Mapping):
+        if "loss" not in value:
+            raise ValueError(f"training_step returned a dict without 'loss' (keys: {sorted(value)}).")
+        value = value["loss"]
+    if value is None:
+        raise _SkipEstimate("none", "CurvatureMonitor skipped an estimate: training_step returned None.")
+    if not isinstance(value, Tensor):
+        raise TypeError(f"The training loss must be a tensor, got {type(value).__name__}.")
+    return value
+
+
+def _batch_size(batch: Any) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return int(extract_batch_size(batch))
+        except Exception:
+            return 1

@@ -1,0 +1,438 @@
+"""Curvature operators: Hessian-vector products of a loss with respect to a parameter dict.
+
+This module is plain torch (no Lightning import). An operator represents a symmetric ``(P, P)`` matrix
+``H`` implicitly, through ``matvec(v) = H v`` on flat vectors of length ``P = sum(p.numel())``, and
+``matmat(V) = H V`` on ``(P, m)`` blocks. Estimators in :mod:`lightning_curvature.estimators` only need
+this interface, so they also accept a dense matrix wrapped by :func:`as_operator`.
+
+Hessian-vector products never form ``H``: with ``g(θ) = ∇L(θ)``, ``H v = d/dε g(θ + ε v)|₀``
+(Pearlmutter 1994, "Fast Exact Multiplication by the Hessian"). Two ways to evaluate it:
+
+* **forward-over-reverse**: ``torch.func.jvp`` of ``torch.func.grad(L)`` in direction ``v``;
+  one forward-mode pass through the backward graph, nothing kept between products.
+* **double-backward**: ``g = autograd.grad(L, θ, create_graph=True)`` is built *once* per operator
+  (the parameters and the batch are fixed for its lifetime), and every product is one more reverse
+  pass ``autograd.grad(g, θ, grad_outputs=v)`` through that retained graph. This is what makes an HVP
+  cost fewer than two gradients inside one estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BACKENDS",
+    "CurvatureOperator",
+    "DenseOperator",
+    "HessianOperator",
+    "HVPUnsupportedError",
+    "as_operator",
+    "module_loss_fn",
+]
+
+Backend = Literal["auto", "double-backward", "forward-over-reverse"]
+BACKENDS: tuple[str, ...] = ("auto", "double-backward", "forward-over-reverse")
+
+
+class HVPUnsupportedError(RuntimeError):
+    """Raised when no backend can form a Hessian-vector product of the loss.
+
+    Typical cause: an op in the model has no second derivative (a custom ``autograd.Function`` whose
+    backward is not differentiable, some fused kernels).
+    """
+
+
+@runtime_checkable
+class CurvatureOperator(Protocol):
+    """What estimators need from an operator: a symmetric ``(P, P)`` linear map."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matvec(self, v: Tensor) -> Tensor:  # pragma: no cover - protocol
+        """Return ``H v`` for a flat vector ``v`` of length ``P``."""
+        ...
+
+    def matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - protocol
+        """Return ``H V`` for a ``(P, m)`` block ``V``."""
+        ...
+
+
+class DenseOperator:
+    """An explicit symmetric matrix behind the operator interface (used by tests and small problems).
+
+    Args:
+        matrix: a square ``(P, P)`` tensor. Symmetry is the caller's promise; it is not checked.
+
+    Example:
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, -1.0])))
+        >>> op.matvec(torch.tensor([1.0, 1.0]))
+        tensor([ 3., -1.])
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"A dense operator needs a square matrix, got shape {tuple(matrix.shape)}.")
+        self.matrix = matrix
+        self.shape = (matrix.shape[0], matrix.shape[1])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.num_matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.num_matvecs += 1
+        return self.matrix @ v
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self.num_matvecs += V.shape[1]
+        return self.matrix @ V
+
+
+def as_operator(A: Any) -> CurvatureOperator:
+    """Return ``A`` if it is an operator, or wrap a dense square tensor in :class:`DenseOperator`."""
+    if isinstance(A, Tensor):
+        return DenseOperator(A)
+    if hasattr(A, "matvec") and hasattr(A, "shape"):
+        return A
+    raise TypeError(f"Expected a curvature operator (with matvec and shape) or a square tensor, got {type(A)!r}.")
+
+
+@contextlib.contextmanager
+def _second_order_context(device: torch.device) -> Iterator[None]:
+    """Grad on, autocast off, and the math SDPA kernel (the fused ones have no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        for dev in {device.type, "cpu"}:
+            if dev in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+class HessianOperator:
+    """The Hessian of a scalar loss with respect to a dict of parameters, as a linear operator.
+
+    ``H = ∇²_θ L(θ)`` with ``θ`` the concatenation of the flattened values of ``params`` in their
+    dict order. The loss is measured exactly as ``loss_fn`` reduces it (a mean loss gives ``1/N`` times the
+    Hessian of a summed one). Parameters the loss does not use get zero rows and columns.
+
+    Args:
+        loss_fn: maps a ``dict[str, Tensor]`` with the same keys as ``params`` to a scalar tensor. It must be a
+            fixed function for the operator's lifetime (same batch, no fresh dropout masks); see
+            :func:`module_loss_fn` for a module.
+        params: the point ``θ`` at which ``H`` is taken, e.g. ``dict(model.named_parameters())``. The values are
+            detached and copied; the originals and their ``.grad`` are never touched.
+        backend: ``"auto"`` (default), ``"double-backward"`` or ``"forward-over-reverse"``. ``"auto"`` uses
+            double backward with the first-order graph built once and reused (fewest gradients per product),
+            and switches to forward-over-reverse if the loss cannot be differentiated twice in reverse mode.
+        dtype: compute in this floating dtype (e.g. ``torch.float64``); default: the parameters' dtype.
+
+    Example:
+        The seed notebook's closed form: for ``L = (w·x + b - y)²``, ``H = 2 [[x xᵀ, x], [xᵀ, 1]]``.
+
+        >>> x, y = torch.tensor([1.0, 2.0]), torch.tensor(0.5)
+        >>> params = {"w": torch.zeros(2), "b": torch.zeros(())}
+        >>> op = HessianOperator(lambda p: (p["w"] @ x + p["b"] - y) ** 2, params)
+        >>> op.matvec(torch.tensor([0.0, 0.0, 1.0]))  # last column: 2 [x, 1]
+        tensor([2., 4., 2.])
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[dict[str, Tensor]], Tensor],
+        params: Mapping[str, Tensor],
+        *,
+        backend: Backend = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if len(params) == 0:
+            raise ValueError("HessianOperator needs at least one parameter; got an empty dict.")
+        self.loss_fn = loss_fn
+        self.requested_backend: str = backend
+        self.backend: str | None = None if backend == "auto" else backend
+        first = next(iter(params.values()))
+        self.dtype = dtype or first.dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {self.dtype}.")
+        self.device = first.device
+        self.names = list(params)
+        self.params = {k: v.detach().to(self.dtype).clone() for k, v in params.items()}
+        self.shapes = [p.shape for p in self.params.values()]
+        self.numels = [p.numel() for p in self.params.values()]
+        P = sum(self.numels)
+        self.shape = (P, P)
+        self.num_matvecs = 0
+        self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
+        self._loss_value: float | None = None
+        self._gradient: Tensor | None = None
+
+    # ------------------------------------------------------------------ flat <-> dict
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector of length ``P`` into a dict shaped like the parameters."""
+        parts = torch.split(v, self.numels)
+        return {k: part.view(shape) for k, part, shape in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: Mapping[str, Tensor | None] | list[Tensor | None]) -> Tensor:
+        """Concatenate per-parameter tensors (``None`` meaning zero) into a flat vector."""
+        values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        out = []
+        for t, n, p in zip(values, self.numels, self.params.values()):
+            out.append(torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1).to(p))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def loss(self) -> float:
+        """The loss value at ``θ`` (computed on first use)."""
+        if self._loss_value is None:
+            self.gradient()
+        assert self._loss_value is not None
+        return self._loss_value
+
+    def gradient(self) -> Tensor:
+        """The flat gradient ``∇L(θ)`` (free once the double-backward graph exists)."""
+        if self._gradient is None:
+            if self.backend != "forward-over-reverse":
+                self._ensure_graph()
+            else:
+                with _second_order_context(self.device):
+                    grads, loss = torch.func.grad_and_value(self.loss_fn)(self.params)
+                self._check_loss(loss)
+                self._loss_value = float(loss.detach())
+                self._gradient = self.flatten(grads).detach()
+        assert self._gradient is not None
+        return self._gradient
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``H v`` for a flat vector ``v`` of length ``P``."""
+        if v.ndim != 1 or v.shape[0] != self.shape[0]:
+            raise ValueError(f"matvec expects a flat vector of length {self.shape[0]}, got shape {tuple(v.shape)}.")
+        v = v.to(device=self.device, dtype=self.dtype)
+        if self.backend is None:
+            return self._auto_matvec(v)
+        out = self._matvec_double_backward(v) if self.backend == "double-backward" else self._matvec_fwd_rev(v)
+        self.num_matvecs += 1
+        return out
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``H V`` for a ``(P, m)`` block, one product per column."""
+        if V.ndim != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"matmat expects a ({self.shape[0]}, m) block, got shape {tuple(V.shape)}.")
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def release(self) -> None:
+        """Free the retained first-order graph (the operator stays usable; it is rebuilt on demand)."""
+        self._graph = None
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"HessianOperator(P={self.shape[0]}, dtype={self.dtype}, backend={self.backend or 'auto'})"
+
+    # ------------------------------------------------------------------ backends
+    def _auto_matvec(self, v: Tensor) -> Tensor:
+        errors = []
+        for backend in ("double-backward", "forward-over-reverse"):
+            self.backend = backend
+            try:
+                return self.matvec(v)
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                self.release()
+                errors.append(f"{backend}: {type(err).__name__}: {err}")
+        self.backend = None
+        raise HVPUnsupportedError(
+            "No backend could compute a Hessian-vector product of this loss (an op without second "
+            "derivatives?).\n" + "\n".join(errors)
+        )
+
+    def _ensure_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        if self._graph is None:
+            leaves = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
+            with _second_order_context(self.device):
+                loss = self.loss_fn(leaves)
+                self._check_loss(loss)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+            self._loss_value = float(loss.detach())
+            self._gradient = self.flatten(list(grads)).detach()
+            # Differentiate only the gradient blocks that depend on θ; the others are constant (zero Hessian rows).
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            self._graph = ([grads[i] for i in live], list(leaves.values()), live)
+        return self._graph
+
+    def _check_loss(self, loss: Tensor) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}.")
+
+    def _matvec_double_backward(self, v: Tensor) -> Tensor:
+        grads, leaves, live = self._ensure_graph()
+        if not live:
+            return torch.zeros_like(v)
+        parts = self.unflatten(v)
+        grad_outputs = [parts[self.names[i]] for i in live]
+        with _second_order_context(self.device):
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        return self.flatten(list(hv)).detach()
+
+    def _matvec_fwd_rev(self, v: Tensor) -> Tensor:
+        tangents = self.unflatten(v)
+        with _second_order_context(self.device):
+            _, hv = torch.func.jvp(torch.func.grad(self.loss_fn), (self.params,), (tangents,))
+        return self.flatten(hv).detach()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        criterion: Callable[[Any, Any], Tensor],
+        inputs: Any,
+        targets: Any,
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        backend: Backend = "auto",
+        dtype: torch.dtype | None = None,
+        mode: Literal["eval", "train"] = "eval",
+    ) -> HessianOperator:
+        """The Hessian of ``criterion(module(inputs), targets)`` with respect to the module's parameters.
+
+        Args:
+            module: any ``nn.Module``; it is not modified (its buffers, flags and ``.grad`` stay as they are).
+            criterion: e.g. ``nn.functional.cross_entropy``; its reduction defines the Hessian's scale.
+            inputs: the batch's inputs, passed to ``module(inputs)``.
+            targets: the batch's targets.
+            params: which parameters to differentiate; default: all with ``requires_grad``.
+            backend: see :class:`HessianOperator`.
+            dtype: compute dtype (``torch.float64`` casts parameters, buffers and floating inputs).
+            mode: ``"eval"`` (default) measures the network in eval mode; ``"train"`` in train mode with
+                BatchNorm running statistics frozen and dropout masks fixed for the operator's lifetime.
+        """
+        loss_fn, theta = module_loss_fn(
+            module, lambda m: criterion(m(_cast(inputs, dtype)), _cast(targets, dtype)), params=params,
+            dtype=dtype, mode=mode,
+        )
+        return cls(loss_fn, theta, backend=backend, dtype=dtype)
+
+
+class _Closure(nn.Module):
+    """Wraps a module so that ``functional_call`` can run an arbitrary closure on it, not only ``forward``."""
+
+    def __init__(self, inner: nn.Module, closure: Callable[[nn.Module], Tensor]) -> None:
+        super().__init__()
+        self.inner = inner
+        self._closure = closure
+
+    def forward(self) -> Tensor:
+        return self._closure(self.inner)
+
+
+def _cast(x: Any, dtype: torch.dtype | None) -> Any:
+    """Cast floating tensors inside a (nested) batch to ``dtype``."""
+    if dtype is None:
+        return x
+    if isinstance(x, Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return type(x)({k: _cast(v, dtype) for k, v in x.items()}) if not hasattr(x, "_fields") else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_cast(v, dtype) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Set train/eval flags for the duration, restoring each module's own flag after.
+
+    In train mode, BatchNorm layers normalise with batch statistics but do not track running statistics
+    (``track_running_stats=False`` for the duration), so the measured function has no side effects.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if training else []
+    tracking = [m.track_running_stats for m in norms]
+    try:
+        module.train(training)
+        for m in norms:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for m, track in zip(norms, tracking):
+            m.track_running_stats = track
+
+
+def module_loss_fn(
+    module: nn.Module,
+    closure: Callable[[nn.Module], Tensor],
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    mode: Literal["eval", "train"] = "eval",
+    seed: int = 0,
+) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
+    """Turn ``closure(module) -> loss`` into a pure function of a parameter dict, for :class:`HessianOperator`.
+
+    The returned ``loss_fn(θ)`` runs ``closure`` with the module's differentiated parameters replaced by ``θ``
+    (``torch.func.functional_call``), every buffer replaced by a private copy (so BatchNorm running statistics
+    never change), the train/eval flags set by ``mode`` and restored afterwards, and the global RNG forked and
+    seeded with ``seed`` (so every call draws the same dropout masks and the caller's RNG stream is untouched).
+
+    Args:
+        module: the model; not modified.
+        closure: computes the scalar loss from the module, e.g. ``lambda m: F.mse_loss(m(x), y)``.
+        params: parameters to differentiate (default: all with ``requires_grad``).
+        dtype: optional compute dtype; parameters and buffers are cast to it.
+        mode: ``"eval"`` or ``"train"``.
+        seed: seed of the forked RNG inside each call.
+
+    Returns:
+        ``(loss_fn, params)`` ready for ``HessianOperator(loss_fn, params)``.
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be one of ('eval', 'train'), got {mode!r}.")
+    if params is None:
+        params = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    if len(params) == 0:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters (none with requires_grad=True).")
+    params = {k: p.detach() if dtype is None else p.detach().to(dtype) for k, p in params.items()}
+    wrapper = _Closure(module, closure)
+    fixed: dict[str, Tensor] = {}
+    for name, p in module.named_parameters():
+        if name not in params:
+            fixed["inner." + name] = p.detach() if dtype is None else p.detach().to(dtype)
+    buffers = {
+        "inner." + name: b.detach() if (dtype is None or not b.is_floating_point()) else b.detach().to(dtype)
+        for name, b in module.named_buffers()
+    }
+    devices = [params[next(iter(params))].device]
+    cuda_devices = [d for d in devices if d.type == "cuda"]
+
+    def loss_fn(theta: dict[str, Tensor]) -> Tensor:
+        # Fresh buffer copies on every call: nothing a forward pass writes into a buffer leaks out or between calls.
+        state = {**fixed, **{k: b.clone() for k, b in buffers.items()}, **{"inner." + k: v for k, v in theta.items()}}
+        with torch.random.fork_rng(devices=cuda_devices), _mode(module, mode == "train"):
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*functional_call.*")
+                return torch.func.functional_call(wrapper, state, (), strict=False, tie_weights=True)
+
+    return loss_fn, params
+
+
