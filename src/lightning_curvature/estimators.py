@@ -183,8 +183,11 @@ def power_iteration(
 
     For the ``j``-th pair, iterate ``v ← P H v / ‖P H v‖`` with ``P = I − V Vᵀ`` the projector away from
     the ``j − 1`` vectors already found, and Rayleigh quotient ``λ = vᵀ H v`` (von Mises & Pollaczek-Geiringer
-    1929; Yao et al. 2020, "PyHessian"). A pair is converged when its residual is small relative to its
-    eigenvalue: ``‖H v − λ v‖ ≤ tol · |λ|`` (the change in ``λ`` alone can stall on a slow direction).
+    1929; Yao et al. 2020, "PyHessian"). Each pair iterates until the deflated residual
+    ``‖P H v − λ v‖ ≤ tol · |λ|`` (the change in ``λ`` alone can stall on a slow direction) or ``max_iter``.
+    A final Rayleigh-Ritz step on the span of the found vectors (no extra products) makes the pairs
+    consistent; ``converged`` and ``residuals`` report the **true** relative residual ``‖H v − λ v‖ / |λ|``
+    of each returned pair.
 
     Power iteration finds the eigenvalues of **largest magnitude**, which may be negative: on a
     saddle with ``|λ_min| > λ_max`` the first pair is ``λ_min``. Use
@@ -201,7 +204,7 @@ def power_iteration(
         generator: source of random starting vectors.
 
     Returns:
-        An :class:`EigenResult` whose pairs are in the order found (descending ``|λ|`` up to convergence).
+        An :class:`EigenResult` with pairs sorted by descending ``|λ|``.
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, -2.0, 1.0]))
@@ -217,13 +220,11 @@ def power_iteration(
     if k > n:
         raise ValueError(f"k={k} exceeds the operator's dimension {n}.")
     if init is not None:
-        init = init.reshape(n, -1) if init.ndim == 1 else init
-        if init.shape[0] != n:
+        if init.ndim not in (1, 2) or init.shape[0] != n:
             raise ValueError(f"init must have {n} rows, got shape {tuple(init.shape)}.")
+        init = init.reshape(n, -1)
     vectors: list[Tensor] = []
-    values: list[float] = []
-    converged: list[bool] = []
-    residuals: list[float] = []
+    products: list[Tensor] = []
     matvecs = 0
     for j in range(k):
         basis = torch.stack(vectors, dim=1) if vectors else None
@@ -236,31 +237,37 @@ def power_iteration(
             v = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
             v = _orthonormalize_against(v, basis)
         v = v / v.norm()
-        lam, res, ok = 0.0, math.inf, False
-        v_out = v  # the vector whose Rayleigh quotient is ``lam``
-        for _ in range(max_iter):
-            v_out = v
-            w = _orthonormalize_against(op.matvec(v), basis)
-            matvecs += 1
+        hv = op.matvec(v)
+        matvecs += 1
+        for _ in range(max_iter - 1):
+            # convergence of the deflated problem: residual of (I - VVᵀ) H restricted to the complement of V
+            w = _orthonormalize_against(hv, basis)
             lam = float(torch.dot(v, w))
-            res = float((w - lam * v).norm())
-            rel = res / abs(lam) if lam != 0 else math.inf
-            if rel <= tol:
-                ok = True
+            if float((w - lam * v).norm()) <= tol * abs(lam):
                 break
             norm = w.norm()
-            if float(norm) == 0.0:  # v lies in the null space of the deflated operator: λ = 0 exactly
-                lam, res, ok = 0.0, 0.0, True
+            if float(norm) == 0.0:  # v lies in the null space of the deflated operator
                 break
             v = w / norm
-        vectors.append(v_out)
-        values.append(lam)
-        converged.append(ok)
-        residuals.append(res / abs(lam) if lam != 0 else (0.0 if res == 0 else math.inf))
+            hv = op.matvec(v)
+            matvecs += 1
+        vectors.append(v)
+        products.append(hv)
+    # Rayleigh-Ritz on the found subspace (no extra products): consistent pairs and their *true* residuals.
+    V, HV = torch.stack(vectors, dim=1), torch.stack(products, dim=1)
+    T = V.T @ HV
+    theta, S = torch.linalg.eigh((T + T.T).to(torch.float64) / 2)
+    order = torch.argsort(theta.abs(), descending=True)
+    theta, S = theta[order], S[:, order].to(V.dtype)
+    V, HV = V @ S, HV @ S
+    res = (HV - V * theta.to(V.dtype)).norm(dim=0).to(torch.float64)
+    scale = theta.abs()
+    rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.where(res == 0, 0.0, math.inf))
     return EigenResult(
-        eigenvalues=torch.tensor(values, dtype=torch.float64),
-        eigenvectors=torch.stack(vectors, dim=1),
+        eigenvalues=theta,
+        eigenvectors=V,
         num_matvecs=matvecs,
-        converged=torch.tensor(converged),
-        residuals=torch.tensor(residuals, dtype=torch.float64),
+        converged=rel <= tol,
+        residuals=rel,
     )

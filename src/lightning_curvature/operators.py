@@ -133,7 +133,9 @@ class HessianOperator:
             detached and copied; the originals and their ``.grad`` are never touched.
         backend: ``"auto"`` (default), ``"double-backward"`` or ``"forward-over-reverse"``. ``"auto"`` uses
             double backward with the first-order graph built once and reused (fewest gradients per product),
-            and switches to forward-over-reverse if the loss cannot be differentiated twice in reverse mode.
+            and switches to forward-over-reverse if the loss cannot be differentiated twice in reverse mode or
+            if a used parameter's gradient comes out detached from the graph (a backward that is not
+            differentiable would otherwise give silent zeros); :class:`HVPUnsupportedError` if neither works.
         dtype: compute in this floating dtype (e.g. ``torch.float64``); default: the parameters' dtype.
 
     Example:
@@ -176,6 +178,7 @@ class HessianOperator:
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
         self._loss_value: float | None = None
         self._gradient: Tensor | None = None
+        self._detached: list[str] = []
 
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -247,13 +250,23 @@ class HessianOperator:
     # ------------------------------------------------------------------ backends
     def _auto_matvec(self, v: Tensor) -> Tensor:
         errors = []
-        for backend in ("double-backward", "forward-over-reverse"):
-            self.backend = backend
-            try:
+        try:
+            self._ensure_graph()
+            if not self._detached:
+                self.backend = "double-backward"
                 return self.matvec(v)
-            except (RuntimeError, NotImplementedError, TypeError) as err:
-                self.release()
-                errors.append(f"{backend}: {type(err).__name__}: {err}")
+            errors.append(
+                f"double-backward: the gradient of {self._detached} is detached from the graph (a backward that is "
+                "not differentiable, or a loss linear in them), so reverse-over-reverse cannot be trusted"
+            )
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            errors.append(f"double-backward: {type(err).__name__}: {err}")
+        self.release()
+        self.backend = "forward-over-reverse"
+        try:
+            return self.matvec(v)
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            errors.append(f"forward-over-reverse: {type(err).__name__}: {err}")
         self.backend = None
         raise HVPUnsupportedError(
             "No backend could compute a Hessian-vector product of this loss (an op without second "
@@ -269,8 +282,19 @@ class HessianOperator:
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
             self._loss_value = float(loss.detach())
             self._gradient = self.flatten(list(grads)).detach()
-            # Differentiate only the gradient blocks that depend on θ; the others are constant (zero Hessian rows).
+            # Differentiate only the gradient blocks that depend on θ. Unused parameters (None) have zero rows. A
+            # used parameter whose gradient has no graph is either constant in θ or came out of a backward that is
+            # not differentiable; reverse mode cannot tell which, so flag it.
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            self._detached = [self.names[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+            if self._detached and self.backend == "double-backward":
+                warnings.warn(
+                    f"HessianOperator(backend='double-backward'): the gradient of {self._detached} does not depend "
+                    "on the parameters in the autograd graph; their Hessian blocks are taken as zero. If an op in "
+                    "the model has no second derivative this is wrong: use backend='auto'.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             self._graph = ([grads[i] for i in live], list(leaves.values()), live)
         return self._graph
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 def load_digits_tensors(image: bool = False) -> tuple[Tensor, Tensor]:
-    """Digits as float32 features in ``[0, 1]`` (``(N, 64)``, or ``(N, 1, 8, 8)`` with ``image=True``) and int64 labels."""
+    """Digits as float32 features in ``[0, 1]``, ``(N, 64)`` or ``(N, 1, 8, 8)`` with ``image``, and int64 labels."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
