@@ -208,3 +208,35 @@ def test_explicit_double_backward_warns_on_detached_gradients():
     op = HessianOperator(lambda p: _NoSecondDerivative.apply(p["w"]).sum(), theta, backend="double-backward")
     with pytest.warns(RuntimeWarning, match="taken as zero"):
         op.matvec(torch.ones(3, dtype=torch.float64))
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+def test_once_differentiable_inside_a_network_is_detected_not_silently_dropped():
+    """autograd prunes the DelayedError node of @once_differentiable, so a naive double backward returns a wrong,
+    finite H (the second-order terms through that op are missing). Both backends must refuse instead."""
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    model = nn.Sequential(l1, nn.Identity(), l2)
+
+    def closure(m):
+        return F.cross_entropy(l2(_OnceDifferentiableTanh.apply(l1(x))), y)
+
+    loss_fn, theta = module_loss_fn(model, closure)
+    v = torch.randn(sum(p.numel() for p in theta.values()), dtype=torch.float64)
+    with pytest.raises(HVPUnsupportedError, match="not differentiable"):
+        HessianOperator(loss_fn, theta).matvec(v)
+    with pytest.raises(HVPUnsupportedError, match="silently dropped"):
+        HessianOperator(loss_fn, theta, backend="double-backward").matvec(v)

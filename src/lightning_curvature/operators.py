@@ -179,6 +179,7 @@ class HessianOperator:
         self._loss_value: float | None = None
         self._gradient: Tensor | None = None
         self._detached: list[str] = []
+        self._blocked = ""
 
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -252,13 +253,19 @@ class HessianOperator:
         errors = []
         try:
             self._ensure_graph()
-            if not self._detached:
+            if not self._detached and not self._blocked:
                 self.backend = "double-backward"
                 return self.matvec(v)
-            errors.append(
-                f"double-backward: the gradient of {self._detached} is detached from the graph (a backward that is "
-                "not differentiable, or a loss linear in them), so reverse-over-reverse cannot be trusted"
-            )
+            if self._blocked:
+                errors.append(
+                    f"double-backward: the first-order graph contains ops whose backward is not differentiable "
+                    f"({self._blocked}); their second-order terms would be silently dropped"
+                )
+            else:
+                errors.append(
+                    f"double-backward: the gradient of {self._detached} is detached from the graph (a backward that is "
+                    "not differentiable, or a loss linear in them), so reverse-over-reverse cannot be trusted"
+                )
         except (RuntimeError, NotImplementedError, TypeError) as err:
             errors.append(f"double-backward: {type(err).__name__}: {err}")
         self.release()
@@ -287,7 +294,17 @@ class HessianOperator:
             # not differentiable; reverse mode cannot tell which, so flag it.
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._detached = [self.names[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad]
-            if self._detached and self.backend == "double-backward":
+            # A backward marked @once_differentiable hangs a DelayedError node off the first-order graph. Its inputs
+            # are detached, so a second backward never reaches it and silently drops those terms: look for it.
+            blocked = _nondifferentiable_nodes([grads[i] for i in live])
+            self._blocked = blocked
+            if blocked:
+                if self.backend == "double-backward":
+                    raise HVPUnsupportedError(
+                        f"double-backward: the first-order graph contains ops whose backward is not differentiable "
+                        f"({blocked}); their second-order terms would be silently dropped."
+                    )
+            if self._detached and self.backend == "double-backward" and not blocked:
                 warnings.warn(
                     f"HessianOperator(backend='double-backward'): the gradient of {self._detached} does not depend "
                     "on the parameters in the autograd graph; their Hessian blocks are taken as zero. If an op in "
@@ -351,6 +368,33 @@ class HessianOperator:
             dtype=dtype, mode=mode,
         )
         return cls(loss_fn, theta, backend=backend, dtype=dtype)
+
+
+def _nondifferentiable_nodes(tensors: list[Tensor]) -> str:
+    """Names of the autograd nodes reachable from ``tensors`` that cannot be differentiated again.
+
+    Returns ``""`` when there are none. Custom ``autograd.Function`` nodes are listed too when such a node is found,
+    to help name the culprit.
+    """
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    bad: list[str] = []
+    custom: list[str] = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = node.name()
+        if name.rsplit("::", 1)[-1] in ("DelayedError", "Error", "NotImplemented"):
+            bad.append(name)
+        elif isinstance(node, torch.autograd.function.BackwardCFunction):
+            custom.append(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    if not bad:
+        return ""
+    found = ", ".join(sorted(set(bad)))
+    return f"{found}; custom autograd Functions in the graph: {', '.join(sorted(set(custom)))}" if custom else found
 
 
 class _Closure(nn.Module):
