@@ -53,7 +53,7 @@ class EigenResult:
     """Result of an eigenvalue solver.
 
     Attributes:
-        eigenvalues: ``(k,)`` estimated eigenvalues, in the order the solver documents.
+        eigenvalues: ``(k,)`` float64 estimated eigenvalues, in the order the solver documents.
         eigenvectors: ``(P, k)`` unit-norm estimated eigenvectors, columns matching ``eigenvalues``.
         num_matvecs: operator products spent.
         converged: ``(k,)`` booleans, whether each pair met the residual tolerance.
@@ -208,8 +208,9 @@ def power_iteration(
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, -2.0, 1.0]))
-        >>> power_iteration(A, k=2, tol=1e-6, generator=torch.Generator().manual_seed(0)).eigenvalues.round()
-        tensor([ 5., -2.])
+        >>> res = power_iteration(A, k=2, tol=1e-6, generator=torch.Generator().manual_seed(0))
+        >>> [round(lam, 4) for lam in res.eigenvalues.tolist()]
+        [5.0, -2.0]
     """
     op = as_operator(op)
     _check_positive_int("k", k)
