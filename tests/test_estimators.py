@@ -157,3 +157,173 @@ def test_power_iteration_bad_arguments():
         power_iteration(A, tol=0)
     with pytest.raises(ValueError, match="init must have 3 rows"):
         power_iteration(A, init=torch.ones(4))
+
+
+# ---------------------------------------------------------------- Lanczos
+
+from lightning_curvature import (  # noqa: E402
+    deflated_hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    spectral_density,
+)
+
+CLUSTERED = [10.0, 9.999, 9.998, 5.0, 4.9, -12.0, -11.99, 1.0, 0.5, 0.2] + [0.01 * i for i in range(-20, 40)]
+
+
+@pytest.mark.parametrize(
+    "which,expected",
+    [
+        ("LA", [10.0, 9.999, 9.998, 5.0, 4.9]),
+        ("SA", [-12.0, -11.99, -0.2, -0.19, -0.18]),
+        ("LM", [-12.0, -11.99, 10.0, 9.999, 9.998]),
+    ],
+)
+def test_lanczos_matches_eigvalsh_on_clustered_and_negative_spectra(which, expected):
+    A = spectrum_matrix(CLUSTERED, seed=5)
+    res = lanczos(A, k=5, which=which, max_iter=70, tol=1e-10, generator=gen())
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(expected, dtype=torch.float64), atol=1e-8, rtol=0)
+    # no ghosts: the returned vectors are orthonormal, so no eigenvalue is reported twice
+    V = res.eigenvectors
+    torch.testing.assert_close(V.T @ V, torch.eye(5, dtype=torch.float64), atol=1e-8, rtol=0)
+    true_res = (A @ V - V * res.eigenvalues).norm(dim=0)
+    assert (true_res <= 1e-8 * res.eigenvalues.abs() + 1e-12).all()
+    assert bool(res.converged.all())
+
+
+def test_lanczos_reported_residuals_are_true_residuals():
+    A = spectrum_matrix(CLUSTERED, seed=6)
+    res = lanczos(A, k=3, max_iter=12, tol=1e-12, generator=gen())  # stopped early: residuals not small
+    V = res.eigenvectors
+    true_rel = (A @ V - V * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
+    torch.testing.assert_close(res.residuals, true_rel, rtol=1e-6, atol=1e-12)
+    assert not bool(res.converged.all())
+
+
+def test_lanczos_needs_far_fewer_products_than_power_iteration():
+    A = spectrum_matrix([10.0, 9.0, 8.5] + [0.01 * i for i in range(-50, 100)], seed=7)
+    lz = lanczos(A, k=1, tol=1e-6, generator=gen())
+    pw = power_iteration(A, k=1, tol=1e-6, max_iter=10_000, generator=gen())
+    assert lz.converged.all() and pw.converged.all()
+    assert float(lz.eigenvalues[0]) == pytest.approx(10.0, abs=1e-9)
+    assert 3 * lz.num_matvecs <= pw.num_matvecs
+
+
+def test_lanczos_warm_start_saves_products_and_finds_a_new_top_direction():
+    A = spectrum_matrix(CLUSTERED, seed=8)
+    cold = lanczos(A, k=3, tol=1e-6, generator=gen())
+    B = A + 1e-4 * spectrum_matrix([1.0] * 35 + [-1.0] * 35, seed=9)
+    warm = lanczos(B, k=3, tol=1e-6, init=cold.eigenvectors, generator=gen(1))
+    ref = torch.linalg.eigvalsh(B).flip(0)[:3]
+    torch.testing.assert_close(warm.eigenvalues, ref, atol=1e-5, rtol=0)
+    assert warm.num_matvecs < cold.num_matvecs
+    # a warm start from the *wrong* vectors still converges to the right answer (the random mix-in)
+    wrong = torch.linalg.eigh(A).eigenvectors[:, :3]  # bottom eigenvectors
+    fixed = lanczos(A, k=3, tol=1e-8, init=wrong, generator=gen(2))
+    torch.testing.assert_close(fixed.eigenvalues, torch.tensor([10.0, 9.999, 9.998], dtype=torch.float64),
+                               atol=1e-7, rtol=0)
+
+
+def test_lanczos_invariant_start_restarts_instead_of_stopping():
+    """A start vector inside an invariant subspace breaks down after one step; the run must go on."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 7.0], dtype=torch.float64))
+    e1 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    res = lanczos(A, k=1, tol=1e-10, max_iter=4, init=e1, generator=gen())
+    assert float(res.eigenvalues[0]) == pytest.approx(7.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
+def test_lanczos_on_model_hessians(problem):
+    H = problem.dense_hessian()
+    evals = torch.linalg.eigvalsh(H)
+    op = HessianOperator(problem.loss_fn(), problem.params())
+    top = lanczos(op, k=3, which="LA", tol=1e-8, max_iter=op.shape[0], generator=gen())
+    torch.testing.assert_close(top.eigenvalues, evals.flip(0)[:3], rtol=1e-6, atol=1e-9)
+    bottom = lanczos(op, k=1, which="SA", tol=1e-8, max_iter=op.shape[0], generator=gen())
+    torch.testing.assert_close(bottom.eigenvalues, evals[:1], rtol=1e-6, atol=1e-9)
+
+
+def test_lanczos_bad_arguments():
+    with pytest.raises(ValueError, match=r"which must be one of \('LA', 'SA', 'LM'\)"):
+        lanczos(torch.eye(3), which="BE")
+    with pytest.raises(ValueError, match="exceeds"):
+        lanczos(torch.eye(3), k=4)
+
+
+# ---------------------------------------------------------------- Hutch++ and deflation
+
+OUTLIERS = [50.0, 30.0, 20.0, 10.0] + [0.1 * ((i % 7) - 2) for i in range(60)]
+
+
+def test_hutchpp_and_deflated_are_unbiased_within_their_standard_errors():
+    A = spectrum_matrix(OUTLIERS, seed=10)
+    exact = float(torch.trace(A))
+    eig = torch.linalg.eigh(A)
+    V, lam = eig.eigenvectors[:, -4:], eig.eigenvalues[-4:]
+    for est in (
+        lambda s: hutchpp_trace(A, 30, generator=gen(s)),
+        lambda s: deflated_hutchinson_trace(A, V + 0.01 * torch.randn(V.shape, generator=gen(100 + s),
+                                                                      dtype=torch.float64), 20, generator=gen(s)),
+    ):
+        values = torch.tensor([est(s).value for s in range(100)], dtype=torch.float64)
+        assert abs(float(values.mean()) - exact) <= 4 * float(values.std()) / 10
+    # with exact eigenpairs and Ritz values given, only the small rest is estimated
+    res = deflated_hutchinson_trace(A, V, 20, eigenvalues=lam, generator=gen())
+    assert abs(res.value - exact) <= 4 * res.stderr
+    assert res.num_matvecs == 20
+
+
+def test_hutchpp_and_deflation_beat_plain_hutchinson_on_outliers():
+    A = spectrum_matrix(OUTLIERS, seed=11)
+    plain = hutchinson_trace(A, 30, generator=gen())
+    pp = hutchpp_trace(A, 30, generator=gen())
+    top = lanczos(A, k=4, tol=1e-6, generator=gen())
+    defl = deflated_hutchinson_trace(A, top.eigenvectors, 30 - top.num_matvecs if top.num_matvecs < 28 else 2,
+                                     eigenvalues=top.eigenvalues, generator=gen())
+    assert pp.stderr * 5 < plain.stderr and defl.stderr * 5 < plain.stderr
+    exact = float(torch.trace(A))
+    assert abs(pp.value - exact) <= 4 * pp.stderr and abs(defl.value - exact) <= 4 * defl.stderr
+
+
+def test_hutchpp_exact_on_low_rank_and_rtol():
+    A = spectrum_matrix([3.0, -2.0, 1.0] + [0.0] * 7, seed=12)
+    res = hutchpp_trace(A, 12, sketch_size=3, generator=gen())
+    assert res.value == pytest.approx(2.0, abs=1e-10)
+    B = spectrum_matrix(OUTLIERS, seed=13)
+    r = hutchpp_trace(B, 600, sketch_size=10, rtol=0.01, generator=gen())
+    assert r.num_matvecs < 600 and r.stderr <= 0.01 * abs(r.value)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
+def test_better_traces_on_model_hessians(problem):
+    H = problem.dense_hessian()
+    exact = float(torch.trace(H))
+    op = HessianOperator(problem.loss_fn(), problem.params())
+    pp = hutchpp_trace(op, 60, generator=gen())
+    top = lanczos(op, k=3, tol=1e-6, generator=gen())
+    defl = deflated_hutchinson_trace(op, top.eigenvectors, 40, eigenvalues=top.eigenvalues, generator=gen())
+    assert abs(pp.value - exact) <= 4 * pp.stderr + 1e-10
+    assert abs(defl.value - exact) <= 4 * defl.stderr + 1e-10
+
+
+# ---------------------------------------------------------------- spectral density
+
+
+def test_spectral_density_integrates_to_one_and_its_mean_is_trace_over_p():
+    A = spectrum_matrix(OUTLIERS, seed=14)
+    P = A.shape[0]
+    dens = spectral_density(A, num_probes=8, num_steps=25, generator=gen())
+    integral = float(torch.trapezoid(dens.density, dens.grid))
+    assert integral == pytest.approx(1.0, abs=1e-3)
+    # the quadrature's first moment is exactly the Hutchinson estimate of the same (Rademacher) probes over P
+    g = gen()
+    z = torch.cat([random_probes(P, 1, generator=g, dtype=torch.float64) for _ in range(8)], dim=1)
+    hutch = float(torch.einsum("ij,ij->j", z, A @ z).mean())
+    assert dens.moments(1) * P == pytest.approx(hutch, rel=1e-8)
+    # with as many steps as (distinct) eigenvalues the nodes are the exact eigenvalues
+    C = spectrum_matrix([float(i) - 3.5 for i in range(12)], seed=15)
+    full = spectral_density(C, num_probes=1, num_steps=12, generator=gen())
+    torch.testing.assert_close(full.nodes[0].sort().values, torch.linalg.eigvalsh(C), atol=1e-8, rtol=0)
+    assert torch.allclose(full.weights.sum(dim=1), torch.ones(1, dtype=torch.float64))
+    # repeated eigenvalues: the run stops at the invariant subspace, the quadrature is still exact
+    assert float(torch.trapezoid(dens.density, dens.grid)) == pytest.approx(1.0, abs=1e-3)

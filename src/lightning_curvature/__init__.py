@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .estimators import EigenResult, TraceResult, hutchinson_trace, power_iteration, random_probes
+from .estimators import (
+    EigenResult,
+    SpectralDensity,
+    TraceResult,
+    deflated_hutchinson_trace,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    power_iteration,
+    random_probes,
+    spectral_density,
+)
 from .operators import DenseOperator, HessianOperator, HVPUnsupportedError, as_operator, module_loss_fn
 
 if TYPE_CHECKING:
@@ -21,14 +32,19 @@ __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
     "EigenResult",
+    "SpectralDensity",
     "HVPUnsupportedError",
     "HessianOperator",
     "TraceResult",
     "as_operator",
+    "deflated_hutchinson_trace",
     "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
     "module_loss_fn",
     "power_iteration",
     "random_probes",
+    "spectral_density",
 ]
 
 
