@@ -85,8 +85,8 @@ def test_keys_and_cadence_in_csv_and_tensorboard(tmp_path):
     tb_logger = TensorBoardLogger(tmp_path, name="tb")
     cb = CurvatureMonitor(every_n_train_steps=4, top_k=2, num_probes=5, max_iter=20)
     fit(tmp_path, [cb], max_steps=13, loggers=[csv_logger, tb_logger])
-    expected_keys = {"curvature/" + k for k in
-                     ["loss", "trace", "trace_stderr", "eig_1", "eig_2", "num_hvps", "seconds"]}
+    expected_keys = {"curvature/" + k for k in ["loss", "trace", "trace_stderr", "eig_1", "eig_2", "lambda_max",
+                                                "eig_converged", "num_hvps", "seconds"]}
 
     rows = read_csv(csv_logger)
     curv = rows_with(rows, "curvature/trace")
@@ -116,7 +116,7 @@ def test_logged_values_equal_exact_ones_at_zero_learning_rate(tmp_path):
     ds = make_data()
     full = TensorDataset(ds.tensors[0].double(), ds.tensors[1])
     cb = CurvatureMonitor(every_n_train_steps=2, top_k=2, num_probes=50, max_iter=300, tol=1e-6,
-                          data="fixed", dtype="float64")
+                          data="fixed", dtype="float64", metrics=["trace", "eigenvalues", "lambda_min", "density"])
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_steps=5, callbacks=[cb], logger=csv_logger, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
@@ -128,13 +128,15 @@ def test_logged_values_equal_exact_ones_at_zero_learning_rate(tmp_path):
                          dict(model.named_parameters()))
     H = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
     evals = torch.linalg.eigvalsh(H)
-    top2 = evals[torch.argsort(evals.abs(), descending=True)[:2]].sort(descending=True).values
+    top2 = evals.flip(0)[:2]  # Lanczos: the largest algebraic eigenvalues
     rows = rows_with(read_csv(csv_logger), "curvature/trace")
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     for r in rows:
         assert float(r["curvature/loss"]) == pytest.approx(op.loss, rel=1e-12)
         assert float(r["curvature/eig_1"]) == pytest.approx(float(top2[0]), rel=1e-6)
         assert float(r["curvature/eig_2"]) == pytest.approx(float(top2[1]), rel=1e-6)
+        assert float(r["curvature/lambda_max"]) == float(r["curvature/eig_1"])
+        assert float(r["curvature/lambda_min"]) == pytest.approx(float(evals[0]), rel=1e-6)
         stderr = float(r["curvature/trace_stderr"])
         assert 0 < stderr and abs(float(r["curvature/trace"]) - float(torch.trace(H))) <= 4 * stderr
 
@@ -347,6 +349,10 @@ def test_op_without_second_derivatives_warns_once_and_switches_off(tmp_path):
         ({"distribution": "uniform"}, r"distribution.*'rademacher', 'normal'"),
         ({"metrics": ["trace", "sharpness"]}, r"metrics.*'trace', 'eigenvalues'"),
         ({"metrics": []}, "at least one"),
+        ({"trace_estimator": "xtrace"}, r"trace_estimator.*'auto', 'hutchinson', 'hutchpp', 'deflated'"),
+        ({"eigen_solver": "arnoldi"}, r"eigen_solver.*'lanczos', 'power'"),
+        ({"density_probes": 0}, "density_probes"),
+        ({"density_steps": 1}, "density_steps"),
         ({"num_batches": 0}, "num_batches"),
         ({"num_batches": 3}, "data='fixed'"),
         ({"seed": -1}, "seed"),
@@ -385,3 +391,56 @@ def test_event_files_written(tmp_path):
     tb = TensorBoardLogger(tmp_path, name="tb")
     fit(tmp_path, [CurvatureMonitor(every_n_train_steps=5, num_probes=3, max_iter=5)], loggers=[tb], max_steps=6)
     assert glob.glob(os.path.join(tb.log_dir, "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("trace_estimator", ["hutchinson", "hutchpp", "deflated", "auto"])
+@pytest.mark.parametrize("eigen_solver", ["lanczos", "power"])
+def test_every_trace_estimator_and_solver_matches_the_dense_hessian(trace_estimator, eigen_solver):
+    torch.manual_seed(0)
+    model = Net(batchnorm=False, dropout=0.0).double()
+    x, y = make_data().tensors
+    x = x.double()
+    cb = CurvatureMonitor(top_k=2, num_probes=30, tol=1e-7, max_iter=300, trace_estimator=trace_estimator,
+                          eigen_solver=eigen_solver, dtype="float64", metrics=["trace", "eigenvalues"])
+    out = cb.estimate(model, [((x, y), 0)])
+    model.eval()
+    op = HessianOperator(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y),
+                         dict(model.named_parameters()))
+    H = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+    evals = torch.linalg.eigvalsh(H)
+    ref = evals.flip(0)[:2] if eigen_solver == "lanczos" else \
+        evals[torch.argsort(evals.abs(), descending=True)[:2]].sort(descending=True).values
+    assert out["eig_1"] == pytest.approx(float(ref[0]), rel=1e-5)
+    assert out["eig_2"] == pytest.approx(float(ref[1]), rel=1e-5)
+    assert ("lambda_max" in out) == (eigen_solver == "lanczos")
+    assert abs(out["trace"] - float(torch.trace(H))) <= 4 * out["trace_stderr"] + 1e-9
+
+
+def test_warm_start_reduces_products_during_training(tmp_path):
+    def run(warm):
+        cb = CurvatureMonitor(every_n_train_steps=2, top_k=1, tol=1e-3, warm_start=warm, data="fixed",
+                              metrics=["eigenvalues"])
+        logger = CSVLogger(tmp_path, name=f"warm{warm}")
+        pl.seed_everything(0, verbose=False)  # the same initial weights for both runs
+        fit(tmp_path, [cb], model=Net(lr=0.001, batchnorm=False, dropout=0.0), max_steps=11, loggers=[logger],
+            batch_size=N)
+        rows = rows_with(read_csv(logger), "curvature/num_hvps")
+        return [float(r["curvature/num_hvps"]) for r in rows]
+
+    cold, warm = run(False), run(True)
+    assert len(cold) == len(warm) == 6
+    assert warm[0] == cold[0]  # the first estimate has nothing to start from
+    assert sum(warm[1:]) < 0.7 * sum(cold[1:]), (cold, warm)  # measured: about half
+
+
+def test_density_is_logged_as_a_tensorboard_histogram(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cb = CurvatureMonitor(every_n_train_steps=3, num_probes=4, max_iter=10, metrics=["density", "lambda_min"])
+    fit(tmp_path, [cb], loggers=[tb, CSVLogger(tmp_path, name="csv")], max_steps=4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0})  # default keeps 1 histogram per tag
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("curvature/density")] == [0, 3]
+    assert {"curvature/lambda_min", "curvature/density_mean"} <= set(acc.Tags()["scalars"])
+    assert cb.last_density is not None

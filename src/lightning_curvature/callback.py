@@ -20,12 +20,25 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from ._guard import rng_guard, training_state_guard
-from .estimators import DISTRIBUTIONS, hutchinson_trace, power_iteration
+from .estimators import (
+    DISTRIBUTIONS,
+    SpectralDensity,
+    TraceResult,
+    deflated_hutchinson_trace,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    power_iteration,
+    spectral_density,
+)
 from .operators import BACKENDS, HessianOperator, HVPUnsupportedError, module_loss_fn
 
 __all__ = ["CurvatureMonitor"]
 
-METRICS: tuple[str, ...] = ("trace", "eigenvalues")
+METRICS: tuple[str, ...] = ("trace", "eigenvalues", "lambda_min", "density")
+DEFAULT_METRICS: tuple[str, ...] = ("trace", "eigenvalues")
+EIGEN_SOLVERS: tuple[str, ...] = ("lanczos", "power")
+TRACE_ESTIMATORS: tuple[str, ...] = ("auto", "hutchinson", "hutchpp", "deflated")
 DATA: tuple[str, ...] = ("current", "fixed")
 MODES: tuple[str, ...] = ("eval", "train")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -48,7 +61,9 @@ class CurvatureMonitor(Callback):
     At each estimate the callback builds the Hessian operator ``H = ∇²_θ L(θ)`` of the training loss with respect to
     the module's trainable parameters (``requires_grad=True``), on the batch about to be trained on (or on fixed
     batches), at the current weights, and runs Hutchinson's trace estimator and power iteration on it. ``L`` is the
-    loss exactly as ``training_step`` returns it (a mean loss gives a Hessian ``1/N`` of a summed one).
+    loss exactly as ``training_step`` returns it (a mean loss gives a Hessian ``1/N`` of a summed one). The top
+    eigenvalues come from Lanczos (largest algebraic, warm-started from the previous estimate's eigenvectors) and the
+    trace from Hutchinson's estimator deflated by those eigenvectors (see ``trace_estimator``).
 
     **Which Hessian.** With ``mode="eval"`` (default) the network is evaluated in eval mode (BatchNorm uses running
     statistics, dropout is off). With ``mode="train"`` it runs in train mode, BatchNorm normalises with batch
@@ -69,10 +84,16 @@ class CurvatureMonitor(Callback):
     **Logged keys** (with the default ``log_prefix="curvature/"``):
 
     - ``curvature/loss``: the loss at which the Hessian was measured (same batch, mode and weights).
-    - ``curvature/trace``: Hutchinson estimate of ``tr(H)``; ``curvature/trace_stderr``: its standard error.
-    - ``curvature/eig_1`` ... ``curvature/eig_k``: the ``top_k`` eigenvalues found by power iteration, sorted
-      descending (algebraic). Power iteration finds the largest *magnitudes*, so a large negative eigenvalue can
-      appear among them.
+    - ``curvature/trace``: estimate of ``tr(H)``; ``curvature/trace_stderr``: its standard error.
+    - ``curvature/eig_1`` ... ``curvature/eig_k``: the ``top_k`` eigenvalues, sorted descending (algebraic). With
+      ``eigen_solver="lanczos"`` (default) they are the largest algebraic eigenvalues; with ``"power"`` the largest
+      *magnitudes*, so a large negative eigenvalue can appear among them.
+    - ``curvature/lambda_max``: the largest eigenvalue (sharpness), ``= eig_1``; logged with ``"lanczos"`` only.
+    - ``curvature/eig_converged``: 1 if every eigenpair met ``tol``, else 0.
+    - ``curvature/lambda_min``: the smallest (most negative) eigenvalue, by Lanczos; with ``"lambda_min"`` in
+      ``metrics``. ``curvature/lambda_min_ratio``: ``lambda_min / lambda_max`` when both are known.
+    - ``curvature/density``: with ``"density"`` in ``metrics``, the stochastic Lanczos quadrature eigenvalue density
+      as a TensorBoard histogram (TensorBoard loggers only); ``curvature/density_mean`` (``≈ tr(H)/P``) as a scalar.
     - ``curvature/num_hvps``: Hessian-vector products spent on this estimate.
     - ``curvature/seconds``: wall time of this estimate.
 
@@ -88,9 +109,14 @@ class CurvatureMonitor(Callback):
         every_n_train_steps: estimate every this many optimizer steps (>= 1).
         top_k: number of top eigenvalues (>= 1).
         num_probes: maximum Hutchinson probes per estimate (>= 2).
-        trace_rtol: stop Hutchinson early when ``stderr <= trace_rtol * |trace|``; ``None`` uses all probes.
-        max_iter: maximum products per eigenpair in power iteration (>= 1).
-        tol: power iteration's relative residual tolerance ``‖Hv − λv‖ ≤ tol·|λ|`` (> 0).
+        trace_rtol: stop the trace estimate early when ``stderr <= trace_rtol * |trace|``; ``None`` uses all probes.
+        trace_estimator: ``"auto"`` (``"deflated"`` when eigenvalues are computed, else ``"hutchpp"``),
+            ``"hutchinson"``, ``"hutchpp"`` (``num_probes`` is its product budget) or ``"deflated"`` (Hutchinson on
+            the complement of the top-k eigenvectors, whose Ritz values give the rest of the trace exactly).
+        eigen_solver: ``"lanczos"`` (largest algebraic eigenvalues) or ``"power"`` (power iteration, largest
+            magnitudes).
+        max_iter: maximum products: the Krylov dimension for Lanczos, per eigenpair for power iteration (>= 1).
+        tol: relative residual tolerance of every eigenpair, ``‖Hv − λv‖ ≤ tol·|λ|`` (> 0).
         data: ``"current"`` (the batch about to be trained on) or ``"fixed"`` (``num_batches`` batches drawn once
             at fit start from the train dataloader and reused, so curves are comparable over time).
         num_batches: with ``data="fixed"``, how many batches; the Hessian is their batch-size weighted average.
@@ -99,9 +125,12 @@ class CurvatureMonitor(Callback):
             (see :class:`~lightning_curvature.HessianOperator`).
         dtype: ``"float32"`` or ``"float64"``, the dtype of the products (autocast is always off for them).
         distribution: Hutchinson probes, ``"rademacher"`` or ``"normal"``.
-        warm_start: start power iteration from the previous estimate's eigenvectors.
+        warm_start: start the eigensolver from the previous estimate's eigenvectors (kept in checkpoints).
+        density_probes: probes of the spectral density (with ``"density"`` in ``metrics``).
+        density_steps: Lanczos steps per density probe.
         seed: seed of the callback's own generator.
-        metrics: which to compute, any of ``("trace", "eigenvalues")``.
+        metrics: which to compute, any of ``("trace", "eigenvalues", "lambda_min", "density")``; default
+            ``("trace", "eigenvalues")``.
         log_prefix: prefix of every logged key.
     """
 
@@ -111,6 +140,8 @@ class CurvatureMonitor(Callback):
         top_k: int = 1,
         num_probes: int = 20,
         trace_rtol: float | None = None,
+        trace_estimator: str = "auto",
+        eigen_solver: str = "lanczos",
         max_iter: int = 100,
         tol: float = 1e-3,
         data: str = "current",
@@ -120,8 +151,10 @@ class CurvatureMonitor(Callback):
         dtype: str = "float32",
         distribution: str = "rademacher",
         warm_start: bool = True,
+        density_probes: int = 3,
+        density_steps: int = 30,
         seed: int = 0,
-        metrics: Sequence[str] = METRICS,
+        metrics: Sequence[str] = DEFAULT_METRICS,
         log_prefix: str = "curvature/",
     ) -> None:
         _check_int("every_n_train_steps", every_n_train_steps, 1)
@@ -130,6 +163,10 @@ class CurvatureMonitor(Callback):
         _check_int("max_iter", max_iter, 1)
         _check_int("num_batches", num_batches, 1)
         _check_int("seed", seed, 0)
+        _check_int("density_probes", density_probes, 1)
+        _check_int("density_steps", density_steps, 2)
+        _check_choice("trace_estimator", trace_estimator, TRACE_ESTIMATORS)
+        _check_choice("eigen_solver", eigen_solver, EIGEN_SOLVERS)
         if trace_rtol is not None and (isinstance(trace_rtol, bool) or not isinstance(trace_rtol, (int, float))
                                        or not trace_rtol > 0):
             raise ValueError(f"`trace_rtol` must be a positive float or None, got {trace_rtol!r}.")
@@ -160,6 +197,8 @@ class CurvatureMonitor(Callback):
         self.top_k = top_k
         self.num_probes = num_probes
         self.trace_rtol = trace_rtol
+        self.trace_estimator = trace_estimator
+        self.eigen_solver = eigen_solver
         self.max_iter = max_iter
         self.tol = float(tol)
         self.data = data
@@ -169,6 +208,8 @@ class CurvatureMonitor(Callback):
         self.dtype = dtype
         self.distribution = distribution
         self.warm_start = warm_start
+        self.density_probes = density_probes
+        self.density_steps = density_steps
         self.seed = seed
         self.metrics = tuple(dict.fromkeys(metrics))
         self.log_prefix = log_prefix
@@ -177,6 +218,8 @@ class CurvatureMonitor(Callback):
         self._last_step = -1
         self._num_estimates = 0
         self._eigenvectors: Tensor | None = None
+        self._min_eigenvectors: Tensor | None = None
+        self.last_density: SpectralDensity | None = None
         self._fixed_batches: list[Any] | None = None
         self._disabled = False
         self._warned: set[str] = set()
@@ -197,6 +240,7 @@ class CurvatureMonitor(Callback):
             "num_estimates": self._num_estimates,
             "generator_state": self._generator.get_state(),
             "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.detach().cpu(),
+            "min_eigenvectors": None if self._min_eigenvectors is None else self._min_eigenvectors.detach().cpu(),
             "disabled": self._disabled,
         }
 
@@ -206,6 +250,7 @@ class CurvatureMonitor(Callback):
         self._num_estimates = int(state_dict["num_estimates"])
         self._generator.set_state(state_dict["generator_state"])
         self._eigenvectors = state_dict.get("eigenvectors")
+        self._min_eigenvectors = state_dict.get("min_eigenvectors")
         self._disabled = bool(state_dict.get("disabled", False))
 
     @override
@@ -291,26 +336,69 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor skipped an estimate: the loss is {loss}. Estimates resume once it is finite.",
             )
         out: dict[str, float] = {"loss": loss}
+        top = None
         if "eigenvalues" in self.metrics:
-            init = self._eigenvectors if self.warm_start else None
-            if init is not None and init.shape[0] != op.shape[0]:
-                init = None
-            eig = power_iteration(
-                op, self.top_k, max_iter=self.max_iter, tol=self.tol, init=init, generator=self._generator
-            )
-            self._check_finite(eig.eigenvalues)
-            self._eigenvectors = eig.eigenvectors.detach()
-            for i, value in enumerate(torch.sort(eig.eigenvalues, descending=True).values.tolist(), start=1):
+            init = self._warm(self._eigenvectors, op)
+            if self.eigen_solver == "lanczos":
+                top = lanczos(op, self.top_k, which="LA", max_iter=self.max_iter, tol=self.tol, init=init,
+                              generator=self._generator)
+            else:
+                top = power_iteration(op, self.top_k, max_iter=self.max_iter, tol=self.tol, init=init,
+                                      generator=self._generator)
+            self._check_finite(top.eigenvalues)
+            self._eigenvectors = top.eigenvectors.detach()
+            values = torch.sort(top.eigenvalues, descending=True).values.tolist()
+            for i, value in enumerate(values, start=1):
                 out[f"eig_{i}"] = value
+            if self.eigen_solver == "lanczos":
+                out["lambda_max"] = values[0]
+            out["eig_converged"] = float(bool(top.converged.all()))
+        if "lambda_min" in self.metrics:
+            bottom = lanczos(op, 1, which="SA", max_iter=self.max_iter, tol=self.tol,
+                             init=self._warm(self._min_eigenvectors, op), generator=self._generator)
+            self._check_finite(bottom.eigenvalues)
+            self._min_eigenvectors = bottom.eigenvectors.detach()
+            out["lambda_min"] = float(bottom.eigenvalues[0])
+            if "lambda_max" in out and out["lambda_max"] != 0:
+                out["lambda_min_ratio"] = out["lambda_min"] / out["lambda_max"]
         if "trace" in self.metrics:
-            tr = hutchinson_trace(
-                op, self.num_probes, rtol=self.trace_rtol, distribution=self.distribution,  # type: ignore[arg-type]
-                generator=self._generator,
-            )
+            tr = self._trace(op, top)
             self._check_finite(torch.tensor([tr.value]))
             out["trace"] = tr.value
             out["trace_stderr"] = tr.stderr
+        if "density" in self.metrics:
+            dens = spectral_density(op, num_probes=self.density_probes, num_steps=self.density_steps,
+                                    generator=self._generator)
+            self._check_finite(dens.nodes)
+            self.last_density = dens
+            out["density_mean"] = dens.moments(1)
         return out
+
+    def _trace(self, op: HessianOperator, top: Any) -> TraceResult:
+        method = self.trace_estimator
+        if method == "auto":
+            method = "deflated" if top is not None else "hutchpp"
+        kwargs: dict[str, Any] = {"rtol": self.trace_rtol, "distribution": self.distribution,
+                                  "generator": self._generator}
+        if method == "deflated":
+            if top is None:
+                return deflated_hutchinson_trace(op, self._require_vectors(op), self.num_probes, **kwargs)
+            return deflated_hutchinson_trace(op, top.eigenvectors, self.num_probes, eigenvalues=top.eigenvalues,
+                                             **kwargs)
+        if method == "hutchpp" and self.num_probes >= 6:  # below that the sketch leaves too few probes
+            return hutchpp_trace(op, self.num_probes, **kwargs)
+        return hutchinson_trace(op, self.num_probes, **kwargs)
+
+    def _require_vectors(self, op: HessianOperator) -> Tensor:
+        init = self._warm(self._eigenvectors, op)
+        if init is None:
+            init = lanczos(op, self.top_k, max_iter=self.max_iter, tol=self.tol, generator=self._generator).eigenvectors
+        return init
+
+    def _warm(self, vectors: Tensor | None, op: HessianOperator) -> Tensor | None:
+        if not self.warm_start or vectors is None or vectors.shape[0] != op.shape[0]:
+            return None
+        return vectors.to(device=op.device, dtype=op.dtype)
 
     def _check_finite(self, values: Tensor) -> None:
         if not bool(torch.isfinite(values).all()):
@@ -388,6 +476,24 @@ class CurvatureMonitor(Callback):
             logger.log_metrics(metrics, step=step)
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
+        if "density_mean" in values and self.last_density is not None:
+            self._log_density(trainer, self.last_density, step)
+
+    def _log_density(self, trainer: pl.Trainer, density: SpectralDensity, step: int) -> None:
+        """The SLQ density as a TensorBoard histogram: buckets on its grid, counts = density × bucket width."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        grid = density.grid
+        width = torch.diff(grid, prepend=grid[:1] - (grid[1] - grid[0]))
+        counts = density.density * width
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram_raw(
+                    self.log_prefix + "density",
+                    min=float(grid[0]), max=float(grid[-1]), num=float(counts.sum()),
+                    sum=float((counts * grid).sum()), sum_squares=float((counts * grid**2).sum()),
+                    bucket_limits=grid.tolist(), bucket_counts=counts.tolist(), global_step=step,
+                )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
