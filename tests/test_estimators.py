@@ -327,3 +327,20 @@ def test_spectral_density_integrates_to_one_and_its_mean_is_trace_over_p():
     assert torch.allclose(full.weights.sum(dim=1), torch.ones(1, dtype=torch.float64))
     # repeated eigenvalues: the run stops at the invariant subspace, the quadrature is still exact
     assert float(torch.trapezoid(dens.density, dens.grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_block_traces_share_probes_and_are_unbiased():
+    from lightning_curvature import block_hutchinson_traces
+
+    A = spectrum_matrix([5.0, -3.0, 2.0, 1.0, 0.5, 0.25, -1.0, 4.0], seed=16)
+    blocks = [torch.arange(0, 3), torch.arange(3, 8), torch.arange(0, 8)]
+    res = block_hutchinson_traces(A, blocks, num_probes=500, generator=gen())
+    for idx, r in zip(blocks, res):
+        Ab = A[idx][:, idx]
+        var = 2 * float(Ab.pow(2).sum() - torch.diagonal(Ab).pow(2).sum()) + float(A[idx].pow(2).sum() - Ab.pow(2).sum())
+        assert abs(r.value - float(torch.trace(Ab))) <= 4 * (var / 500) ** 0.5
+        assert r.stderr == pytest.approx((var / 500) ** 0.5, rel=0.2)
+    assert res[0].value + res[1].value == pytest.approx(res[2].value)  # same probes
+    assert res[0].num_matvecs == 500
+    exact = block_hutchinson_traces(torch.diag(torch.arange(6.0)), [torch.arange(2), torch.arange(2, 6)], 3)
+    assert [r.value for r in exact] == [1.0, 14.0]

@@ -240,3 +240,73 @@ def test_once_differentiable_inside_a_network_is_detected_not_silently_dropped()
         HessianOperator(loss_fn, theta).matvec(v)
     with pytest.raises(HVPUnsupportedError, match="silently dropped"):
         HessianOperator(loss_fn, theta, backend="double-backward").matvec(v)
+
+
+# ---------------------------------------------------------------- derived operators
+
+from lightning_curvature import GGNOperator  # noqa: E402
+from lightning_curvature.operators import BlockOperator, ScaledOperator  # noqa: E402
+
+
+def _dense_ggn(model, x, loss_of_output):
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    names = list(params)
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    numels = [p.numel() for p in params.values()]
+    shapes = [p.shape for p in params.values()]
+
+    def f(v):
+        parts = torch.split(v, numels)
+        return torch.func.functional_call(model, {n: t.view(s) for n, t, s in zip(names, parts, shapes)}, (x,))
+
+    out = f(flat)
+    J = torch.func.jacrev(f)(flat).reshape(out.numel(), -1)
+    H_out = torch.func.hessian(lambda o: loss_of_output(o.view(out.shape)))(out.reshape(-1))
+    return J.T @ H_out @ J
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_ggn_matches_dense_jt_h_j_and_is_psd(loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    if loss == "cross_entropy":
+        y = torch.randint(0, 3, (9,))
+
+        def lo(o):
+            return F.cross_entropy(o, y)
+    else:
+        y = torch.randn(9, 3, dtype=torch.float64)
+
+        def lo(o):
+            return ((o - y) ** 2).mean()
+
+    G = _dense_ggn(model, x, lo)
+    params = dict(model.named_parameters())
+    op = GGNOperator(lambda p: torch.func.functional_call(model, p, (x,)), lo, params)
+    dense = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+    torch.testing.assert_close(dense, G, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(dense).min() >= -1e-12
+    # the gradient is Jᵀ ∇_f ℓ, the true gradient
+    h = HessianOperator(lambda p: lo(torch.func.functional_call(model, p, (x,))), params)
+    torch.testing.assert_close(op.gradient(), h.gradient())
+    assert op.loss == pytest.approx(h.loss)
+
+
+def test_ggn_equals_hessian_for_the_seed_notebook_linear_model():
+    model, x, y = _seed_notebook_problem()
+    params = dict(model.named_parameters())
+    ggn = GGNOperator(lambda p: torch.func.functional_call(model, p, (x,)), lambda o: ((o - y) ** 2).mean(), params)
+    x1 = torch.cat([x, torch.ones(1, dtype=torch.float64)])
+    torch.testing.assert_close(ggn.matmat(torch.eye(3, dtype=torch.float64)), 2 * torch.outer(x1, x1))
+
+
+def test_scaled_and_block_operators():
+    A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]], dtype=torch.float64)
+    d = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    s = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    op = ScaledOperator(DenseOperator(A), d, add_diagonal=s)
+    torch.testing.assert_close(op.matmat(torch.eye(3, dtype=torch.float64)), torch.diag(d) @ A @ torch.diag(d)
+                               + torch.diag(s))
+    blk = BlockOperator(DenseOperator(A), torch.tensor([0, 2]))
+    torch.testing.assert_close(blk.matmat(torch.eye(2, dtype=torch.float64)), A[[0, 2]][:, [0, 2]])

@@ -13,6 +13,7 @@ from .estimators import (
     EigenResult,
     SpectralDensity,
     TraceResult,
+    block_hutchinson_traces,
     deflated_hutchinson_trace,
     hutchinson_trace,
     hutchpp_trace,
@@ -21,7 +22,16 @@ from .estimators import (
     random_probes,
     spectral_density,
 )
-from .operators import DenseOperator, HessianOperator, HVPUnsupportedError, as_operator, module_loss_fn
+from .operators import (
+    BlockOperator,
+    DenseOperator,
+    GGNOperator,
+    HessianOperator,
+    HVPUnsupportedError,
+    ScaledOperator,
+    as_operator,
+    module_loss_fn,
+)
 
 if TYPE_CHECKING:
     from .callback import CurvatureMonitor
@@ -29,14 +39,18 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockOperator",
     "CurvatureMonitor",
     "DenseOperator",
     "EigenResult",
+    "GGNOperator",
     "SpectralDensity",
     "HVPUnsupportedError",
     "HessianOperator",
+    "ScaledOperator",
     "TraceResult",
     "as_operator",
+    "block_hutchinson_traces",
     "deflated_hutchinson_trace",
     "hutchinson_trace",
     "hutchpp_trace",

@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from ._guard import rng_guard, training_state_guard
+from .dynamics import UnsupportedOptimizer, adam_preconditioner, stability_info
 from .estimators import (
     DISTRIBUTIONS,
     SpectralDensity,
     TraceResult,
+    block_hutchinson_traces,
     deflated_hutchinson_trace,
     hutchinson_trace,
     hutchpp_trace,
@@ -31,12 +33,27 @@ from .estimators import (
     power_iteration,
     spectral_density,
 )
-from .operators import BACKENDS, HessianOperator, HVPUnsupportedError, module_loss_fn
+from .operators import (
+    BACKENDS,
+    BlockOperator,
+    GGNOperator,
+    HessianOperator,
+    HVPUnsupportedError,
+    ScaledOperator,
+    _cast,
+    module_loss_fn,
+)
 
 __all__ = ["CurvatureMonitor"]
 
-METRICS: tuple[str, ...] = ("trace", "eigenvalues", "lambda_min", "density")
-DEFAULT_METRICS: tuple[str, ...] = ("trace", "eigenvalues")
+METRICS: tuple[str, ...] = (
+    "trace", "eigenvalues", "lambda_min", "density", "eos", "preconditioned", "grad_curvature", "layers"
+)
+DEFAULT_METRICS: tuple[str, ...] = ("trace", "eigenvalues", "eos", "grad_curvature")
+LAYER_METRICS: tuple[str, ...] = ("trace", "lambda_max", "eig_mass")
+CURVATURES: tuple[str, ...] = ("hessian", "ggn")
+GGN_LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
+OUTPUTS_HOOK = "curvature_outputs"
 EIGEN_SOLVERS: tuple[str, ...] = ("lanczos", "power")
 TRACE_ESTIMATORS: tuple[str, ...] = ("auto", "hutchinson", "hutchpp", "deflated")
 DATA: tuple[str, ...] = ("current", "fixed")
@@ -155,6 +172,11 @@ class CurvatureMonitor(Callback):
         density_steps: int = 30,
         seed: int = 0,
         metrics: Sequence[str] = DEFAULT_METRICS,
+        modules: Sequence[str] | None = None,
+        module_depth: int | None = None,
+        layer_metrics: Sequence[str] = ("trace",),
+        curvature: str = "hessian",
+        ggn_loss: str = "cross_entropy",
         log_prefix: str = "curvature/",
     ) -> None:
         _check_int("every_n_train_steps", every_n_train_steps, 1)
@@ -184,6 +206,26 @@ class CurvatureMonitor(Callback):
             raise ValueError(f"`metrics` must name at least one of {METRICS}, got an empty list.")
         for m in metrics:
             _check_choice("metrics", m, METRICS)
+        _check_choice("curvature", curvature, CURVATURES)
+        _check_choice("ggn_loss", ggn_loss, GGN_LOSSES)
+        if module_depth is not None:
+            _check_int("module_depth", module_depth, 1)
+        if isinstance(modules, str):
+            modules = [modules]
+        if modules is not None and (not list(modules) or not all(isinstance(m, str) and m for m in modules)):
+            raise ValueError(f"`modules` must be a non-empty list of module names or globs, got {modules!r}.")
+        if isinstance(layer_metrics, str):
+            layer_metrics = [layer_metrics]
+        layer_metrics = list(layer_metrics)
+        if not layer_metrics:
+            raise ValueError(f"`layer_metrics` must name at least one of {LAYER_METRICS}.")
+        for m in layer_metrics:
+            _check_choice("layer_metrics", m, LAYER_METRICS)
+        wants_layers = modules is not None or module_depth is not None
+        if "layers" in metrics and not wants_layers:
+            raise ValueError("`metrics` has 'layers' but neither `modules` nor `module_depth` says which modules.")
+        if wants_layers and "layers" not in metrics:
+            metrics = [*metrics, "layers"]
         if data == "current" and num_batches != 1:
             raise ValueError(
                 f"`num_batches={num_batches}` needs `data='fixed'`; with data='current' the estimate uses the one "
@@ -212,13 +254,21 @@ class CurvatureMonitor(Callback):
         self.density_steps = density_steps
         self.seed = seed
         self.metrics = tuple(dict.fromkeys(metrics))
+        self.modules = None if modules is None else list(modules)
+        self.module_depth = module_depth
+        self.layer_metrics = tuple(dict.fromkeys(layer_metrics))
+        self.curvature = curvature
+        self.ggn_loss = ggn_loss
         self.log_prefix = log_prefix
+        self._blocks: dict[str, list[str]] = {}
+        self._update_snapshot: tuple[int, Tensor] | None = None
 
         self._generator = torch.Generator().manual_seed(seed)
         self._last_step = -1
         self._num_estimates = 0
         self._eigenvectors: Tensor | None = None
         self._min_eigenvectors: Tensor | None = None
+        self._precond_vectors: Tensor | None = None
         self.last_density: SpectralDensity | None = None
         self._fixed_batches: list[Any] | None = None
         self._disabled = False
@@ -241,6 +291,7 @@ class CurvatureMonitor(Callback):
             "generator_state": self._generator.get_state(),
             "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.detach().cpu(),
             "min_eigenvectors": None if self._min_eigenvectors is None else self._min_eigenvectors.detach().cpu(),
+            "precond_vectors": None if self._precond_vectors is None else self._precond_vectors.detach().cpu(),
             "disabled": self._disabled,
         }
 
@@ -251,6 +302,7 @@ class CurvatureMonitor(Callback):
         self._generator.set_state(state_dict["generator_state"])
         self._eigenvectors = state_dict.get("eigenvectors")
         self._min_eigenvectors = state_dict.get("min_eigenvectors")
+        self._precond_vectors = state_dict.get("precond_vectors")
         self._disabled = bool(state_dict.get("disabled", False))
 
     @override
@@ -272,6 +324,26 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor does not support multi-process training yet (world_size={trainer.world_size}); "
                 "supported: a single device (CPU, one GPU)."
             )
+        if self.curvature == "ggn" and not callable(getattr(pl_module, OUTPUTS_HOOK, None)):
+            raise ValueError(
+                f"CurvatureMonitor(curvature='ggn') needs the network output and the targets separately: define "
+                f"`{OUTPUTS_HOOK}(self, batch) -> (outputs, targets)` on {type(pl_module).__name__}; the loss applied "
+                f"to them is `ggn_loss` ({self.ggn_loss!r}, mean over the batch)."
+            )
+        if "layers" in self.metrics:
+            self._blocks = select_blocks(pl_module, self.modules, self.module_depth)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "preconditioned" in self.metrics:
+            opt = trainer.optimizers[0] if trainer.optimizers else None
+            if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+                name = type(opt).__name__ if opt is not None else "none"
+                raise ValueError(
+                    "CurvatureMonitor: metric 'preconditioned' (Adam's preconditioned sharpness) needs an Adam or "
+                    f"AdamW optimizer; this run has {name}. Available for it: 'eos' (sharpness against the "
+                    "optimizer's own threshold)."
+                )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,34 +357,51 @@ class CurvatureMonitor(Callback):
         if self._disabled or trainer.sanity_checking:
             return
         step = trainer.global_step
+        if "grad_curvature" in self.metrics and (step + 1) % self.every_n_train_steps == 0:
+            if self._update_snapshot is None or self._update_snapshot[0] != step:
+                self._update_snapshot = (step, _flat_params(pl_module))
         if step % self.every_n_train_steps != 0 or step == self._last_step:
             return
         self._last_step = step
         batches = self._fixed_batches if self.data == "fixed" else [(batch, batch_idx)]
         assert batches is not None
-        values = self.estimate(pl_module, batches)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        previous = None
+        if self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
+            previous = self._update_snapshot[1]
+        self._update_snapshot = None
+        values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous)
         if values:
             self._log(trainer, values)
 
     # ------------------------------------------------------------------ the estimate
-    def estimate(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]]) -> dict[str, float]:
+    def estimate(
+        self,
+        pl_module: pl.LightningModule,
+        batches: list[tuple[Any, int]],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        previous_params: Tensor | None = None,
+    ) -> dict[str, float]:
         """Measure the curvature of ``pl_module``'s training loss on ``batches`` (``(batch, batch_idx)`` pairs).
 
-        Returns the metrics (keys without prefix), or ``{}`` when the estimate was skipped. Leaves the module and
-        every RNG stream as they were.
+        Args:
+            pl_module: the module (left exactly as it was).
+            batches: ``(batch, batch_idx)`` pairs; several are averaged weighted by batch size.
+            optimizer: for the ``"eos"``/``"preconditioned"`` metrics.
+            previous_params: flat trainable parameters one optimizer step earlier, for ``update_curvature``.
+
+        Returns:
+            The metrics (keys without prefix), or ``{}`` when the estimate was skipped.
         """
         start = time.perf_counter()
         dtype = DTYPES[self.dtype]
-        closure = self._loss_closure(pl_module, batches, dtype)
         out: dict[str, float] = {}
         with training_state_guard(pl_module):
             params = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-            loss_fn, theta = module_loss_fn(
-                pl_module, closure, params=params, dtype=dtype, mode=self.mode, seed=self._num_estimates
-            )
-            op = HessianOperator(loss_fn, theta, backend=self.backend, dtype=dtype)  # type: ignore[arg-type]
+            op = self._operator(pl_module, batches, params, dtype)
             try:
-                out = self._run_estimators(op)
+                out = self._run_estimators(op, params, optimizer, previous_params)
             except HVPUnsupportedError as err:
                 self._disabled = True
                 self._warn_once("unsupported", f"CurvatureMonitor switched off: {err}")
@@ -328,7 +417,39 @@ class CurvatureMonitor(Callback):
         self.last_metrics = out
         return out
 
-    def _run_estimators(self, op: HessianOperator) -> dict[str, float]:
+    def _operator(
+        self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
+        dtype: torch.dtype,
+    ) -> HessianOperator:
+        seed = self._num_estimates
+        if self.curvature == "hessian":
+            closure = self._loss_closure(pl_module, batches, dtype)
+            loss_fn, theta = module_loss_fn(pl_module, closure, params=params, dtype=dtype, mode=self.mode, seed=seed)
+            return HessianOperator(loss_fn, theta, backend=self.backend, dtype=dtype)  # type: ignore[arg-type]
+        # GGN: outputs of all batches concatenated; the loss is their batch-size weighted mean
+        hook = getattr(pl_module, OUTPUTS_HOOK)
+        with torch.no_grad():
+            targets = [_cast(hook(_cast(b, dtype))[1], dtype) for b, _ in batches]
+        sizes = [_batch_size(b) for b, _ in batches]
+        weights = [n / sum(sizes) for n in sizes]
+
+        def outputs(module: pl.LightningModule) -> Tensor:
+            return torch.cat([hook(_cast(b, dtype))[0].reshape(n, -1) for (b, _), n in zip(batches, sizes)])
+
+        output_fn, theta = module_loss_fn(pl_module, outputs, params=params, dtype=dtype, mode=self.mode, seed=seed)
+        criterion = torch.nn.functional.cross_entropy if self.ggn_loss == "cross_entropy" else _mse
+
+        def loss_of_output(f: Tensor) -> Tensor:
+            parts = torch.split(f, sizes)
+            return sum(w * criterion(p.reshape(t.shape) if self.ggn_loss == "mse" else p, t)
+                       for w, p, t in zip(weights, parts, targets))  # type: ignore[return-value]
+
+        return GGNOperator(output_fn, loss_of_output, theta, dtype=dtype)
+
+    def _run_estimators(
+        self, op: HessianOperator, params: dict[str, Tensor], optimizer: torch.optim.Optimizer | None,
+        previous_params: Tensor | None,
+    ) -> dict[str, float]:
         loss = op.loss
         if not math.isfinite(loss):
             raise _SkipEstimate(
@@ -372,6 +493,91 @@ class CurvatureMonitor(Callback):
             self._check_finite(dens.nodes)
             self.last_density = dens
             out["density_mean"] = dens.moments(1)
+        if "grad_curvature" in self.metrics:
+            out.update(self._directional(op, previous_params))
+        if "eos" in self.metrics or "preconditioned" in self.metrics:
+            out.update(self._stability(op, params, optimizer, out.get("lambda_max")))
+        if "layers" in self.metrics:
+            out.update(self._layers(op, top))
+        return out
+
+    def _directional(self, op: HessianOperator, previous_params: Tensor | None) -> dict[str, float]:
+        """Curvature along the gradient, ``gᵀHg/‖g‖²``, and along the last update, ``uᵀHu/‖u‖²``."""
+        out: dict[str, float] = {}
+        for key, direction in (("grad_curvature", op.gradient()),
+                               ("update_curvature", None if previous_params is None else
+                                op.flatten(list(op.params.values())) - previous_params.to(op.device, op.dtype))):
+            if direction is None:
+                continue
+            norm2 = float(direction.to(torch.float64).pow(2).sum())
+            if norm2 == 0.0:
+                continue
+            value = float(torch.dot(direction, op.matvec(direction)).to(torch.float64)) / norm2
+            self._check_finite(torch.tensor([value]))
+            out[key] = value
+        return out
+
+    def _stability(
+        self, op: HessianOperator, params: dict[str, Tensor], optimizer: torch.optim.Optimizer | None,
+        lambda_max: float | None,
+    ) -> dict[str, float]:
+        """``eos_ratio`` = sharpness / the optimizer's stability threshold (Cohen et al. 2021, 2022)."""
+        if optimizer is None:
+            return {}
+        try:
+            info = stability_info(optimizer)
+        except UnsupportedOptimizer as err:
+            self._warn_once("optimizer", f"CurvatureMonitor: eos_ratio is skipped: {err}.")
+            return {}
+        out = {"stability_threshold": info.threshold}
+        if info.kind == "sgd":
+            if lambda_max is None:
+                top = lanczos(op, 1, max_iter=self.max_iter, tol=self.tol, init=self._warm(self._eigenvectors, op),
+                              generator=self._generator)
+                lambda_max = float(top.eigenvalues[0])
+            out["eos_ratio"] = (lambda_max + info.weight_decay) / info.threshold
+            return out
+        d = adam_preconditioner(optimizer, list(params.values()))
+        if d is None:  # before Adam's first step there is no preconditioner yet
+            return {}
+        # coupled weight decay (Adam, not AdamW) adds wd·I to H, i.e. wd·P^{-1} to the preconditioned curvature
+        shift = info.weight_decay * d**2 if info.weight_decay else None
+        pop = ScaledOperator(op, d, add_diagonal=shift)
+        top = lanczos(pop, 1, max_iter=self.max_iter, tol=self.tol, init=self._warm(self._precond_vectors, op),
+                      generator=self._generator)
+        self._check_finite(top.eigenvalues)
+        self._precond_vectors = top.eigenvectors.detach()
+        value = float(top.eigenvalues[0])
+        out["preconditioned_lambda_max"] = value
+        out["eos_ratio"] = value / info.threshold
+        return out
+
+    def _layers(self, op: HessianOperator, top: Any) -> dict[str, float]:
+        """Per-module diagonal blocks: trace, top eigenvalue, and the top eigenvector's mass in each block."""
+        out: dict[str, float] = {}
+        offsets, start = {}, 0
+        for name, n in zip(op.names, op.numels):
+            offsets[name] = (start, start + n)
+            start += n
+        index = {
+            module: torch.cat([torch.arange(*offsets[p]) for p in names if p in offsets])
+            for module, names in self._blocks.items()
+        }
+        if "trace" in self.layer_metrics:
+            traces = block_hutchinson_traces(op, list(index.values()), self.num_probes,
+                                             distribution=self.distribution,  # type: ignore[arg-type]
+                                             generator=self._generator)
+            for module, tr in zip(index, traces):
+                out[f"trace/{module}"] = tr.value
+        if "lambda_max" in self.layer_metrics:
+            for module, idx in index.items():
+                block = lanczos(BlockOperator(op, idx), 1, max_iter=self.max_iter, tol=self.tol,
+                                generator=self._generator)
+                out[f"lambda_max/{module}"] = float(block.eigenvalues[0])
+        if "eig_mass" in self.layer_metrics and top is not None:
+            v = top.eigenvectors[:, 0].to(torch.float64)
+            for module, idx in index.items():
+                out[f"eig_mass/{module}"] = float(v[idx.to(v.device)].pow(2).sum() / v.pow(2).sum())
         return out
 
     def _trace(self, op: HessianOperator, top: Any) -> TraceResult:
@@ -407,8 +613,6 @@ class CurvatureMonitor(Callback):
             )
 
     def _loss_closure(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], dtype: torch.dtype) -> Any:
-        from .operators import _cast
-
         hook = getattr(pl_module, LOSS_HOOK, None)
         sizes = [_batch_size(b) for b, _ in batches]
         total = float(sum(sizes))
@@ -517,6 +721,57 @@ def _extract_loss(value: Any) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"The training loss must be a tensor, got {type(value).__name__}.")
     return value
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    return ((output - target) ** 2).mean()
+
+
+def _flat_params(module: torch.nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]).clone()
+
+
+def select_blocks(
+    module: torch.nn.Module, patterns: Sequence[str] | None, depth: int | None
+) -> dict[str, list[str]]:
+    """Map each selected submodule to the names of its trainable parameters (as in ``named_parameters``).
+
+    Args:
+        module: the root module.
+        patterns: module names or ``fnmatch`` globs (``"net.*"``), matched against ``named_modules()``.
+        depth: select the modules ``depth`` levels below the root (``1``: direct children).
+
+    Raises:
+        ValueError: a pattern matches no module with trainable parameters; the message lists those available.
+    """
+    import fnmatch
+
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    candidates = {}
+    for name, _ in module.named_modules():
+        if not name:
+            continue
+        owned = [p for p in trainable if p.startswith(name + ".")]
+        if owned:
+            candidates[name] = owned
+    selected: dict[str, list[str]] = {}
+    for pattern in patterns or []:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"CurvatureMonitor: no module with trainable parameters matches {pattern!r}. Available: "
+                f"{sorted(candidates)}."
+            )
+        for n in hits:
+            selected[n] = candidates[n]
+    if depth is not None:
+        hits = [n for n in candidates if n.count(".") == depth - 1]
+        if not hits:
+            raise ValueError(f"CurvatureMonitor: no module with trainable parameters at depth {depth}. Available: "
+                             f"{sorted(candidates)}.")
+        for n in hits:
+            selected[n] = candidates[n]
+    return selected
 
 
 def _batch_size(batch: Any) -> int:

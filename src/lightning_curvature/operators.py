@@ -28,6 +28,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKENDS",
+    "BlockOperator",
+    "GGNOperator",
+    "ScaledOperator",
     "CurvatureOperator",
     "DenseOperator",
     "HessianOperator",
@@ -504,3 +507,143 @@ def module_loss_fn(
     return loss_fn, params
 
 
+
+
+class ScaledOperator:
+    """``D H D`` for a diagonal ``D = diag(d)``: e.g. the preconditioned Hessian ``P^{-1/2} H P^{-1/2}``.
+
+    Its eigenvalues are those of ``P^{-1} H`` (similar matrices), the curvature an optimizer with diagonal
+    preconditioner ``P`` actually sees (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of Stability").
+
+    Args:
+        op: the symmetric operator ``H``.
+        d: the flat diagonal ``d`` (length ``P``), e.g. ``P^{-1/2}``.
+        add_diagonal: optional flat diagonal ``s`` added after scaling: ``D H D + diag(s)`` (e.g. coupled weight
+            decay ``wd · d²``).
+    """
+
+    def __init__(self, op: CurvatureOperator, d: Tensor, add_diagonal: Tensor | None = None) -> None:
+        if d.shape != (op.shape[0],):
+            raise ValueError(f"d must have shape ({op.shape[0]},), got {tuple(d.shape)}.")
+        self.op = op
+        self.d = d.to(device=op.device, dtype=op.dtype)
+        self.s = None if add_diagonal is None else add_diagonal.to(device=op.device, dtype=op.dtype)
+        self.shape = op.shape
+        self.dtype = op.dtype
+        self.device = op.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        out = self.d * self.op.matvec(self.d * v)
+        return out if self.s is None else out + self.s * v
+
+    def matmat(self, V: Tensor) -> Tensor:
+        out = self.d[:, None] * self.op.matmat(self.d[:, None] * V)
+        return out if self.s is None else out + self.s[:, None] * V
+
+
+class BlockOperator:
+    """The diagonal block ``H[idx, idx]`` of an operator, for the coordinates in ``idx``.
+
+    Args:
+        op: the full operator.
+        index: 1-D long tensor of coordinates (e.g. the parameters of one layer).
+    """
+
+    def __init__(self, op: CurvatureOperator, index: Tensor) -> None:
+        self.op = op
+        self.index = index.to(op.device)
+        n = int(index.numel())
+        if n == 0:
+            raise ValueError("A block needs at least one coordinate.")
+        self.shape = (n, n)
+        self.dtype = op.dtype
+        self.device = op.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        full = torch.zeros(self.op.shape[0], dtype=self.dtype, device=self.device)
+        full[self.index] = v
+        return self.op.matvec(full)[self.index]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+
+class GGNOperator(HessianOperator):
+    r"""The generalised Gauss-Newton matrix ``G = Jᵀ H_out J`` of a loss ``ℓ(f(θ))``.
+
+    ``J = ∂f/∂θ`` is the Jacobian of the network output and ``H_out = ∇²_f ℓ`` the Hessian of the loss with respect
+    to the output (Schraudolph 2002, "Fast Curvature Matrix-Vector Products for Second-Order Gradient Descent";
+    Martens 2020). ``G`` drops the term ``Σ (∂ℓ/∂f) ∇²f`` of the Hessian; it is positive semi-definite when ``ℓ`` is
+    convex in ``f`` (mean squared error, cross-entropy), and equals ``H`` for a model linear in ``θ``.
+
+    Each product is ``v ↦ Jᵀ (H_out (J v))``: ``J v`` by the double-vjp trick through the output graph, which is
+    built once per operator (like the double-backward Hessian backend), ``H_out`` by autograd on the small output,
+    ``Jᵀ`` by one more backward.
+
+    Args:
+        output_fn: maps the parameter dict to the network output (any shape).
+        loss_of_output: maps that output to the scalar loss (e.g. ``lambda f: F.cross_entropy(f, y)``).
+        params: the point ``θ``.
+        dtype: compute dtype.
+    """
+
+    def __init__(
+        self,
+        output_fn: Callable[[dict[str, Tensor]], Tensor],
+        loss_of_output: Callable[[Tensor], Tensor],
+        params: Mapping[str, Tensor],
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(lambda p: loss_of_output(output_fn(p)), params, backend="double-backward", dtype=dtype)
+        self.output_fn = output_fn
+        self.loss_of_output = loss_of_output
+        self._ggn: dict[str, Any] | None = None
+
+    def release(self) -> None:
+        super().release()
+        self._ggn = None
+
+    def _ensure_ggn(self) -> dict[str, Any]:
+        if self._ggn is None:
+            leaves = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
+            with _second_order_context(self.device):
+                out = self.output_fn(leaves)
+                u = torch.zeros_like(out, requires_grad=True)
+                ju = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True, allow_unused=True)
+                out_d = out.detach().requires_grad_(True)
+                loss = self.loss_of_output(out_d)
+                self._check_loss(loss)
+                gl = torch.autograd.grad(loss, out_d, create_graph=True)[0]
+            self._loss_value = float(loss.detach())
+            live = [i for i, g in enumerate(ju) if g is not None and g.requires_grad]
+            self._ggn = {"out": out, "u": u, "ju": [ju[i] for i in live], "live": live,
+                         "leaves": list(leaves.values()), "out_d": out_d, "gl": gl}
+        return self._ggn
+
+    def gradient(self) -> Tensor:
+        if self._gradient is None:
+            c = self._ensure_ggn()
+            with _second_order_context(self.device):
+                g = torch.autograd.grad(c["out"], c["leaves"], c["gl"].detach(), retain_graph=True, allow_unused=True)
+            self._gradient = self.flatten(list(g)).detach()
+        return self._gradient
+
+    def matvec(self, v: Tensor) -> Tensor:
+        if v.ndim != 1 or v.shape[0] != self.shape[0]:
+            raise ValueError(f"matvec expects a flat vector of length {self.shape[0]}, got shape {tuple(v.shape)}.")
+        v = v.to(device=self.device, dtype=self.dtype)
+        c = self._ensure_ggn()
+        self.num_matvecs += 1
+        if not c["live"]:
+            return torch.zeros_like(v)
+        parts = self.unflatten(v)
+        with _second_order_context(self.device):
+            # J v: the vjp Jᵀu is linear in u, so its derivative along v with respect to u is J v
+            jv = torch.autograd.grad(c["ju"], c["u"], [parts[self.names[i]] for i in c["live"]], retain_graph=True)[0]
+            hjv = torch.autograd.grad(c["gl"], c["out_d"], jv, retain_graph=True)[0]
+            gv = torch.autograd.grad(c["out"], c["leaves"], hjv, retain_graph=True, allow_unused=True)
+        return self.flatten(list(gv)).detach()
+
+    def __repr__(self) -> str:
+        return f"GGNOperator(P={self.shape[0]}, dtype={self.dtype})"
