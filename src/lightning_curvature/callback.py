@@ -36,6 +36,7 @@ from .estimators import (
 from .operators import (
     BACKENDS,
     BlockOperator,
+    DistributedOperator,
     GGNOperator,
     HessianOperator,
     HVPUnsupportedError,
@@ -319,11 +320,7 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: {type(pl_module).__name__} uses manual optimisation, whose training_step steps the "
                 f"optimizers and cannot be re-run. Define `{LOSS_HOOK}(self, batch) -> Tensor` returning the loss."
             )
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"CurvatureMonitor does not support multi-process training yet (world_size={trainer.world_size}); "
-                "supported: a single device (CPU, one GPU)."
-            )
+        check_strategy(trainer.strategy)
         if self.curvature == "ggn" and not callable(getattr(pl_module, OUTPUTS_HOOK, None)):
             raise ValueError(
                 f"CurvatureMonitor(curvature='ggn') needs the network output and the targets separately: define "
@@ -399,7 +396,9 @@ class CurvatureMonitor(Callback):
         out: dict[str, float] = {}
         with training_state_guard(pl_module):
             params = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-            op = self._operator(pl_module, batches, params, dtype)
+            op: Any = self._operator(pl_module, batches, params, dtype)
+            if _world_size() > 1:
+                op = DistributedOperator(op)
             try:
                 out = self._run_estimators(op, params, optimizer, previous_params)
             except HVPUnsupportedError as err:
@@ -421,6 +420,7 @@ class CurvatureMonitor(Callback):
         self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
         dtype: torch.dtype,
     ) -> HessianOperator:
+        """This process's operator; under DDP it is wrapped in a :class:`DistributedOperator` by the caller."""
         seed = self._num_estimates
         if self.curvature == "hessian":
             closure = self._loss_closure(pl_module, batches, dtype)
@@ -652,7 +652,10 @@ class CurvatureMonitor(Callback):
                 and hasattr(loader.dataset, "__len__")
             ):
                 n = len(loader.dataset)  # type: ignore[arg-type]
-                order = torch.randperm(n, generator=generator)[: loader.batch_size * self.num_batches]
+                world, rank = _world_size(), _rank()
+                # every process draws the same permutation and takes its own shard, as a DistributedSampler would
+                order = torch.randperm(n, generator=generator)[: loader.batch_size * self.num_batches * world]
+                order = order[rank::world]
                 for chunk in order.split(loader.batch_size):
                     raw.append(loader.collate_fn([loader.dataset[int(i)] for i in chunk]))
             else:
@@ -721,6 +724,31 @@ def _extract_loss(value: Any) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"The training loss must be a tensor, got {type(value).__name__}.")
     return value
+
+
+SUPPORTED_STRATEGIES = "single device (CPU or one GPU), DDP (strategy='ddp', 'ddp_spawn', 'ddp_notebook')"
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse strategies whose parameters are sharded (the operator needs each process to hold every parameter)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    sharded = any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)  # a DDPStrategy subclass
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not sharded:
+        return
+    raise ValueError(
+        f"CurvatureMonitor does not support {type(strategy).__name__}: it shards the parameters across processes, "
+        f"and the Hessian-vector products need every process to hold all of them. Supported: {SUPPORTED_STRATEGIES}."
+    )
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _world_size() > 1 else 0
 
 
 def _mse(output: Tensor, target: Tensor) -> Tensor:

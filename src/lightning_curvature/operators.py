@@ -33,6 +33,7 @@ __all__ = [
     "ScaledOperator",
     "CurvatureOperator",
     "DenseOperator",
+    "DistributedOperator",
     "HessianOperator",
     "HVPUnsupportedError",
     "as_operator",
@@ -647,3 +648,59 @@ class GGNOperator(HessianOperator):
 
     def __repr__(self) -> str:
         return f"GGNOperator(P={self.shape[0]}, dtype={self.dtype})"
+
+
+class DistributedOperator:
+    """The mean over processes of per-process operators: ``H = (1/W) Σ_r H_r`` (data-parallel training).
+
+    Under data parallelism (DDP) each process holds a shard of the batch and the gradient the optimizer uses is the
+    mean of the per-process gradients; the Hessian of that training objective is the mean of the per-process
+    Hessians, so every product is all-reduced (``torch.distributed``, sum then divide by the world size). Every
+    process must call ``matvec`` with the same vector (same generator state) and in the same order, which the
+    estimators guarantee when all processes run them with identically seeded generators: every branch they take
+    depends only on all-reduced values. Averaging per-process eigenvalues instead would be wrong (only an upper
+    bound on the eigenvalues of the mean, by convexity of ``λ_max``).
+
+    Args:
+        op: this process's operator (its own shard of the batch).
+        group: the process group (default: the world).
+    """
+
+    def __init__(self, op: HessianOperator, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.op = op
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.shape = op.shape
+        self.dtype = op.dtype
+        self.device = op.device
+        self._loss: float | None = None
+        self._gradient: Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:  # names, numels, params, flatten, unflatten, release, num_matvecs
+        return getattr(self.op, name)
+
+    def _mean(self, t: Tensor) -> Tensor:
+        t = t.clone()
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
+        return t / self.world_size
+
+    @property
+    def loss(self) -> float:
+        if self._loss is None:
+            local = torch.tensor([self.op.loss], dtype=torch.float64, device=self.device)
+            self._loss = float(self._mean(local))
+        return self._loss
+
+    def gradient(self) -> Tensor:
+        if self._gradient is None:
+            self._gradient = self._mean(self.op.gradient())
+        return self._gradient
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self._mean(self.op.matvec(v))
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self._mean(self.op.matmat(V))
