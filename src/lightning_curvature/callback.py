@@ -293,6 +293,9 @@ class CurvatureMonitor(Callback):
             "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.detach().cpu(),
             "min_eigenvectors": None if self._min_eigenvectors is None else self._min_eigenvectors.detach().cpu(),
             "precond_vectors": None if self._precond_vectors is None else self._precond_vectors.detach().cpu(),
+            # the weights one step before the next estimate, when a checkpoint falls between the two
+            "update_snapshot_step": -1 if self._update_snapshot is None else self._update_snapshot[0],
+            "update_snapshot": None if self._update_snapshot is None else self._update_snapshot[1].cpu(),
             "disabled": self._disabled,
         }
 
@@ -304,6 +307,8 @@ class CurvatureMonitor(Callback):
         self._eigenvectors = state_dict.get("eigenvectors")
         self._min_eigenvectors = state_dict.get("min_eigenvectors")
         self._precond_vectors = state_dict.get("precond_vectors")
+        snapshot = state_dict.get("update_snapshot")
+        self._update_snapshot = None if snapshot is None else (int(state_dict["update_snapshot_step"]), snapshot)
         self._disabled = bool(state_dict.get("disabled", False))
 
     @override

@@ -1,0 +1,175 @@
+"""Training-loop variants and faults: precision, accumulation, manual optimisation, resume, memory, data shapes."""
+
+import gc
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from test_callback import Net, fit, make_data, read_csv, rows_with
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_curvature import CurvatureMonitor
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _monitor(**kw):
+    kw.setdefault("every_n_train_steps", 2)
+    kw.setdefault("num_probes", 4)
+    kw.setdefault("max_iter", 10)
+    return CurvatureMonitor(**kw)
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}],  # "16-mixed" is bf16 on CPU in Lightning
+    ids=["bf16-mixed", "accumulate"],
+)
+def test_bit_identical_weights_in_training_variants(tmp_path, trainer_kwargs):
+    _, without = fit(tmp_path, [], max_steps=6, **trainer_kwargs)
+    cb = _monitor(metrics=["trace", "eigenvalues", "grad_curvature", "eos"])
+    _, with_cb = fit(tmp_path, [cb], max_steps=6, **trainer_kwargs)
+    assert _same_weights(without, with_cb)
+    assert cb._num_estimates == 3
+    assert all(math.isfinite(v) for v in cb.last_metrics.values())
+
+
+class ManualTwoOptimizers(Net):
+    """Manual optimisation with two optimizers; the loss for curvature comes from the hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def curvature_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        loss = self.curvature_loss(batch)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        opt_b.step()
+        self.log("train/loss", loss)
+
+    def configure_optimizers(self):
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(first, lr=0.1), torch.optim.Adam(rest, lr=0.01)
+
+
+def test_manual_optimisation_with_two_optimizers(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    _, without = fit(tmp_path, [], model=ManualTwoOptimizers(), max_steps=12)
+    cb = _monitor(every_n_train_steps=4, metrics=["trace", "eigenvalues"])
+    pl.seed_everything(0, verbose=False)
+    trainer, with_cb = fit(tmp_path, [cb], model=ManualTwoOptimizers(), max_steps=12)
+    assert trainer.global_step == 12  # two optimizer steps per batch
+    assert _same_weights(without, with_cb)
+    assert cb._num_estimates == 3  # global steps 0, 4, 8
+
+
+def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
+    def loader():
+        # full batch: every step sees the same data, so the training itself resumes exactly (Lightning replays
+        # mini-batch orders differently after a resume, which is not what this test is about)
+        return DataLoader(make_data(), batch_size=64, shuffle=False)
+
+    def monitor():
+        return CurvatureMonitor(every_n_train_steps=2, top_k=2, num_probes=5, max_iter=30, data="fixed",
+                                metrics=["trace", "eigenvalues", "lambda_min", "grad_curvature"])
+
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    full_logger = CSVLogger(tmp_path, name="full")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=10, callbacks=[monitor(), ckpt], logger=full_logger, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
+    trainer.fit(Net(dropout=0.0), loader())
+    path = tmp_path / "ckpt" / "epoch=3-step=4.ckpt"
+    resumed_logger = CSVLogger(tmp_path, name="resumed")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=10, callbacks=[monitor()], logger=resumed_logger, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                         accelerator="cpu")
+    trainer.fit(Net(dropout=0.0), loader(), ckpt_path=path)
+    full = {int(r["step"]): r for r in rows_with(read_csv(full_logger), "curvature/trace")}
+    resumed = {int(r["step"]): r for r in rows_with(read_csv(resumed_logger), "curvature/trace")}
+    assert sorted(full) == [0, 2, 4, 6, 8] and sorted(resumed) == [4, 6, 8]
+    for step in resumed:
+        for k, v in resumed[step].items():
+            if k.startswith("curvature/") and k != "curvature/seconds" and v != "":
+                assert float(v) == float(full[step][k]), (step, k)  # generator, warm starts and batches restored
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_estimates_keep_no_graphs_or_vectors_alive():
+    model = Net()
+    x, y = make_data().tensors
+    cb = CurvatureMonitor(top_k=3, num_probes=6, metrics=["trace", "eigenvalues", "lambda_min", "grad_curvature",
+                                                          "density"], module_depth=2)
+    from lightning_curvature.callback import select_blocks
+
+    cb._blocks = select_blocks(model, None, 2)
+    for _ in range(5):
+        cb.estimate(model, [((x, y), 0)])
+    before = _live_tensors()
+    for _ in range(50):
+        cb.estimate(model, [((x, y), 0)])
+    assert _live_tensors() <= before
+
+
+@pytest.mark.slow
+def test_no_memory_growth_over_2000_steps(tmp_path):
+    counts = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (200, 2000):
+                counts[trainer.global_step] = _live_tensors()
+
+    cb = CurvatureMonitor(every_n_train_steps=10, num_probes=4, max_iter=20)
+    fit(tmp_path, [cb, Probe()], model=Net(batchnorm=False, dropout=0.0), max_steps=2000, batch_size=32)
+    assert cb._num_estimates == 200
+    assert counts[2000] <= counts[200]
+
+
+class DictStream(IterableDataset):
+    """An iterable dataset of dict batches with a non-tensor field."""
+
+    def __iter__(self):
+        x, y = make_data().tensors
+        for i in range(len(x)):
+            yield {"x": x[i], "y": y[i], "id": f"example-{i}"}
+
+
+class DictNet(Net):
+    def training_step(self, batch, batch_idx):
+        assert isinstance(batch["id"], list)
+        loss = F.cross_entropy(self(batch["x"]), batch["y"])
+        self.log("train/loss", loss, batch_size=len(batch["id"]))
+        return loss
+
+
+@pytest.mark.parametrize("data", ["fixed", "current"])
+def test_iterable_dataset_with_dict_batches_and_non_tensor_fields(tmp_path, data):
+    cb = _monitor(data=data, num_batches=2 if data == "fixed" else 1)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=5, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(DictNet(), DataLoader(DictStream(), batch_size=8))
+    assert cb._num_estimates == 3 and math.isfinite(cb.last_metrics["trace"])
+    if data == "fixed":
+        assert len(cb._fixed_batches) == 2 and cb._fixed_batches[0][0]["id"][0] == "example-0"
