@@ -444,3 +444,18 @@ def test_density_is_logged_as_a_tensorboard_histogram(tmp_path):
     assert [e.step for e in acc.Histograms("curvature/density")] == [0, 3]
     assert {"curvature/lambda_min", "curvature/density_mean"} <= set(acc.Tags()["scalars"])
     assert cb.last_density is not None
+
+
+def test_tensorboard_layout_and_eigenvalue_histograms_written_by_the_callback(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cb = CurvatureMonitor(every_n_train_steps=3, top_k=2, num_probes=4, max_iter=10)
+    fit(tmp_path, [cb], loggers=[tb, CSVLogger(tmp_path, name="csv")], max_steps=4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import metadata
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("curvature/eigenvalues")] == [0, 3]
+    assert acc.Histograms("curvature/eigenvalues")[0].histogram_value.num == 2
+    layouts = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    assert len(layouts) == 1  # written once, with the first estimate

@@ -688,24 +688,23 @@ class CurvatureMonitor(Callback):
             logger.log_metrics(metrics, step=step)
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
-        if "density_mean" in values and self.last_density is not None:
-            self._log_density(trainer, self.last_density, step)
+        self._log_tensorboard(trainer, values, step)
 
-    def _log_density(self, trainer: pl.Trainer, density: SpectralDensity, step: int) -> None:
-        """The SLQ density as a TensorBoard histogram: buckets on its grid, counts = density × bucket width."""
-        from lightning.pytorch.loggers import TensorBoardLogger
+    def _log_tensorboard(self, trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
+        """TensorBoard extras: the custom-scalars layout (once), eigenvalue and density histograms."""
+        from .tensorboard import custom_scalars_layout, log_density, log_histogram, write_layout
 
-        grid = density.grid
-        width = torch.diff(grid, prepend=grid[:1] - (grid[1] - grid[0]))
-        counts = density.density * width
+        eigs = [values[k] for k in sorted((k for k in values if k.startswith("eig_") and k[4:].isdigit()),
+                                          key=lambda k: int(k[4:]))]
+        loss_tags = sorted({k for k in trainer.callback_metrics if "loss" in k and not k.startswith(self.log_prefix)})
+        layout = custom_scalars_layout(self.log_prefix, self.top_k, loss_tags or ["train/loss", "train_loss", "loss"])
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram_raw(
-                    self.log_prefix + "density",
-                    min=float(grid[0]), max=float(grid[-1]), num=float(counts.sum()),
-                    sum=float((counts * grid).sum()), sum_squares=float((counts * grid**2).sum()),
-                    bucket_limits=grid.tolist(), bucket_counts=counts.tolist(), global_step=step,
-                )
+            write_layout(logger, layout)
+            if eigs:
+                log_histogram(logger, self.log_prefix + "eigenvalues", torch.tensor(eigs), step)
+            if "density_mean" in values and self.last_density is not None:
+                d = self.last_density
+                log_density(logger, self.log_prefix + "density", d.grid, d.density, step)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -27,8 +27,9 @@ SCHEMA_GROUP = "schema"
 class CurvatureMonitorConfig:
     """Schema of :class:`~lightning_curvature.CurvatureMonitor`: one field per ``__init__`` argument.
 
-    See the callback's docstring for the meaning of each field. ``metrics`` is ``Sequence[str]`` in the callback and
-    ``tuple[str, ...]`` here (OmegaConf has no ``Sequence``); it composes to a list.
+    See the callback's docstring for the meaning of each field. ``metrics``, ``modules`` and ``layer_metrics`` are
+    ``Sequence[str]`` in the callback and ``tuple[str, ...]`` here (OmegaConf has no ``Sequence``); they compose to
+    lists.
     """
 
     _target_: str = "lightning_curvature.CurvatureMonitor"
@@ -36,6 +37,8 @@ class CurvatureMonitorConfig:
     top_k: int = 1
     num_probes: int = 20
     trace_rtol: float | None = None
+    trace_estimator: str = "auto"
+    eigen_solver: str = "lanczos"
     max_iter: int = 100
     tol: float = 1e-3
     data: str = "current"
@@ -45,8 +48,15 @@ class CurvatureMonitorConfig:
     dtype: str = "float32"
     distribution: str = "rademacher"
     warm_start: bool = True
+    density_probes: int = 3
+    density_steps: int = 30
     seed: int = 0
-    metrics: tuple[str, ...] = ("trace", "eigenvalues")
+    metrics: tuple[str, ...] = ("trace", "eigenvalues", "eos", "grad_curvature")
+    modules: tuple[str, ...] | None = None
+    module_depth: int | None = None
+    layer_metrics: tuple[str, ...] = ("trace",)
+    curvature: str = "hessian"
+    ggn_loss: str = "cross_entropy"
     log_prefix: str = "curvature/"
 
 
