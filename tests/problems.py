@@ -75,6 +75,21 @@ class _Attention(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward is marked @once_differentiable (no second derivative, no forward-mode rule)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
 def _mse(out: Tensor, target: Tensor) -> Tensor:
     # Written out: F.mse_loss has no forward-over-reverse rule in torch 2.13 ("ZeroTensors are immutable").
     return ((out - target) ** 2).mean()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from problems import OnceDifferentiableTanh
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -300,22 +301,9 @@ def test_nan_loss_warns_once_and_training_goes_on(tmp_path):
     assert not cb._disabled
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1 - torch.tanh(x) ** 2)
-
-
 class NoSecondDerivativeNet(Net):
     def forward(self, x):
-        return self.net[-1](_NoSecondDerivative.apply(self.net[0](x)))
+        return self.net[-1](OnceDifferentiableTanh.apply(self.net[0](x)))
 
 
 def test_op_without_second_derivatives_warns_once_and_switches_off(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import PROBLEM_IDS, PROBLEMS
+from problems import PROBLEM_IDS, PROBLEMS, OnceDifferentiableTanh
 from torch import nn
 
 from lightning_curvature import DenseOperator, HessianOperator, HVPUnsupportedError, module_loss_fn
@@ -210,19 +210,6 @@ def test_explicit_double_backward_warns_on_detached_gradients():
         op.matvec(torch.ones(3, dtype=torch.float64))
 
 
-class _OnceDifferentiableTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (1 - torch.tanh(x) ** 2)
-
-
 def test_once_differentiable_inside_a_network_is_detected_not_silently_dropped():
     """autograd prunes the DelayedError node of @once_differentiable, so a naive double backward returns a wrong,
     finite H (the second-order terms through that op are missing). Both backends must refuse instead."""
@@ -232,7 +219,7 @@ def test_once_differentiable_inside_a_network_is_detected_not_silently_dropped()
     model = nn.Sequential(l1, nn.Identity(), l2)
 
     def closure(m):
-        return F.cross_entropy(l2(_OnceDifferentiableTanh.apply(l1(x))), y)
+        return F.cross_entropy(l2(OnceDifferentiableTanh.apply(l1(x))), y)
 
     loss_fn, theta = module_loss_fn(model, closure)
     v = torch.randn(sum(p.numel() for p in theta.values()), dtype=torch.float64)

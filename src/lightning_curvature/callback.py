@@ -73,6 +73,16 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
 
 
+def _check_choices(name: str, values: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """A non-empty list of allowed names (a single string is one name)."""
+    values = [values] if isinstance(values, str) else list(values)
+    if not values:
+        raise ValueError(f"`{name}` must name at least one of {tuple(allowed)}, got an empty list.")
+    for v in values:
+        _check_choice(name, v, allowed)
+    return values
+
+
 class CurvatureMonitor(Callback):
     r"""Log Hessian curvature of the training loss every N optimizer steps, next to the loss.
 
@@ -200,13 +210,7 @@ class CurvatureMonitor(Callback):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("dtype", dtype, tuple(DTYPES))
         _check_choice("distribution", distribution, DISTRIBUTIONS)
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        metrics = list(metrics)
-        if not metrics:
-            raise ValueError(f"`metrics` must name at least one of {METRICS}, got an empty list.")
-        for m in metrics:
-            _check_choice("metrics", m, METRICS)
+        metrics = _check_choices("metrics", metrics, METRICS)
         _check_choice("curvature", curvature, CURVATURES)
         _check_choice("ggn_loss", ggn_loss, GGN_LOSSES)
         if module_depth is not None:
@@ -215,13 +219,7 @@ class CurvatureMonitor(Callback):
             modules = [modules]
         if modules is not None and (not list(modules) or not all(isinstance(m, str) and m for m in modules)):
             raise ValueError(f"`modules` must be a non-empty list of module names or globs, got {modules!r}.")
-        if isinstance(layer_metrics, str):
-            layer_metrics = [layer_metrics]
-        layer_metrics = list(layer_metrics)
-        if not layer_metrics:
-            raise ValueError(f"`layer_metrics` must name at least one of {LAYER_METRICS}.")
-        for m in layer_metrics:
-            _check_choice("layer_metrics", m, LAYER_METRICS)
+        layer_metrics = _check_choices("layer_metrics", layer_metrics, LAYER_METRICS)
         wants_layers = modules is not None or module_depth is not None
         if "layers" in metrics and not wants_layers:
             raise ValueError("`metrics` has 'layers' but neither `modules` nor `module_depth` says which modules.")

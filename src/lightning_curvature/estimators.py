@@ -142,32 +142,19 @@ def hutchinson_trace(
         6.0
     """
     op = as_operator(op)
-    _check_positive_int("num_probes", num_probes)
+    _check_trace_args(num_probes, min_probes, rtol, distribution)
+    samples, stderr, m = _projected_hutchinson(op, None, num_probes, rtol, 0.0, min_probes, distribution, generator)
+    return TraceResult(value=sum(samples) / m, stderr=stderr, num_matvecs=m, num_probes=m, samples=samples)
+
+
+def _check_trace_args(num_probes: int, min_probes: int, rtol: float | None, distribution: str, name: str = "num_probes",
+                      minimum: int = 1) -> None:
+    _check_positive_int(name, num_probes, minimum)
     _check_positive_int("min_probes", min_probes, 2)
     if rtol is not None and not (rtol > 0):
         raise ValueError(f"rtol must be a positive float or None, got {rtol!r}.")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-    n = op.shape[0]
-    samples: list[float] = []
-    total = 0.0
-    total_sq = 0.0
-    stderr = math.nan
-    for i in range(num_probes):
-        z = random_probes(n, 1, distribution=distribution, generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-        s = float(torch.dot(z, op.matvec(z)).to(torch.float64))
-        samples.append(s)
-        total += s
-        total_sq += s * s
-        m = i + 1
-        if m >= 2:
-            mean = total / m
-            var = max(total_sq - m * mean * mean, 0.0) / (m - 1)
-            stderr = math.sqrt(var / m)
-            if rtol is not None and m >= min_probes and stderr <= rtol * abs(mean):
-                break
-    m = len(samples)
-    return TraceResult(value=total / m, stderr=stderr, num_matvecs=m, num_probes=m, samples=samples)
 
 
 def _orthonormalize_against(v: Tensor, basis: Tensor | None, passes: int = 2) -> Tensor:
@@ -503,7 +490,11 @@ def _projected_hutchinson(
     distribution: str,
     generator: torch.Generator | None,
 ) -> tuple[list[float], float, int]:
-    """Hutchinson on ``(I − Q Qᵀ) H (I − Q Qᵀ)``; stops when the stderr of ``exact + mean`` meets ``rtol``."""
+    """Hutchinson on ``(I − Q Qᵀ) H (I − Q Qᵀ)`` (plain Hutchinson when ``basis`` is None).
+
+    Returns the per-probe samples, the standard error of their mean and their number; stops once that standard error
+    is at most ``rtol · |exact + mean|`` after ``min_probes`` probes.
+    """
     n = op.shape[0]
     samples: list[float] = []
     total = total_sq = 0.0
@@ -564,12 +555,7 @@ def hutchpp_trace(
         111.0
     """
     op = as_operator(op)
-    _check_positive_int("num_matvecs", num_matvecs, 3)
-    _check_positive_int("min_probes", min_probes, 2)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-    if rtol is not None and not (rtol > 0):
-        raise ValueError(f"rtol must be a positive float or None, got {rtol!r}.")
+    _check_trace_args(num_matvecs, min_probes, rtol, distribution, name="num_matvecs", minimum=3)
     n = op.shape[0]
     s = num_matvecs // 3 if sketch_size is None else sketch_size
     _check_positive_int("sketch_size", s)
@@ -622,10 +608,7 @@ def deflated_hutchinson_trace(
         generator: source of the probes.
     """
     op = as_operator(op)
-    _check_positive_int("num_probes", num_probes, 2)
-    _check_positive_int("min_probes", min_probes, 2)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    _check_trace_args(num_probes, min_probes, rtol, distribution, minimum=2)
     V = eigenvectors.reshape(op.shape[0], -1).to(device=op.device, dtype=op.dtype)
     matvecs = 0
     if eigenvalues is None:
