@@ -279,14 +279,14 @@ class LanczosDecomposition:
     """A Lanczos run: ``H Q ≈ Q T`` with ``Q`` ``(P, m)`` orthonormal and ``T`` ``(m, m)`` tridiagonal.
 
     Attributes:
-        basis: ``Q``.
+        basis: ``Q`` as a :class:`KrylovBasis` (``basis @ S`` and ``basis.tensor()``).
         alpha: diagonal of ``T`` (float64).
         beta: off-diagonal of ``T`` (float64), length ``m - 1``; a zero marks a restart after an invariant subspace.
         last_beta: the norm of the residual direction after the last step (``β_m``), for Ritz residuals.
         num_matvecs: operator products spent.
     """
 
-    basis: Tensor
+    basis: KrylovBasis
     alpha: Tensor
     beta: Tensor
     last_beta: float
@@ -304,6 +304,51 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)[:k]
 
 
+class KrylovBasis:
+    """Orthonormal columns stored in fixed-size chunks, so memory grows with the columns used, never copied.
+
+    A Lanczos run on a model with ``P`` parameters holds ``m`` vectors of length ``P``; preallocating ``max_iter``
+    columns would cost ``max_iter · P`` even when the run converges after a few steps.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, chunk: int = 16) -> None:
+        self.n, self.dtype, self.device, self.chunk = n, dtype, device, chunk
+        self._chunks: list[Tensor] = []
+        self.size = 0
+
+    def append(self, v: Tensor) -> None:
+        j = self.size % self.chunk
+        if j == 0:
+            self._chunks.append(torch.empty((self.n, self.chunk), dtype=self.dtype, device=self.device))
+        self._chunks[-1][:, j] = v
+        self.size += 1
+
+    def _blocks(self) -> list[Tensor]:
+        full, rest = divmod(self.size, self.chunk)
+        return self._chunks[:full] + ([self._chunks[full][:, :rest]] if rest else [])
+
+    def project_out(self, w: Tensor, passes: int = 2) -> Tensor:
+        """``w − Q Qᵀ w``, block by block, twice ("twice is enough", Parlett 1980)."""
+        for _ in range(passes):
+            for block in self._blocks():
+                w = w - block @ (block.T @ w)
+        return w
+
+    def __matmul__(self, S: Tensor) -> Tensor:
+        """``Q S`` for an ``(m, k)`` matrix ``S``."""
+        out = torch.zeros((self.n, S.shape[1]), dtype=self.dtype, device=self.device)
+        start = 0
+        for block in self._blocks():
+            out += block @ S[start:start + block.shape[1]].to(self.dtype)
+            start += block.shape[1]
+        return out
+
+    def tensor(self) -> Tensor:
+        """The ``(P, m)`` matrix ``Q`` (a copy)."""
+        blocks = self._blocks()
+        return torch.cat(blocks, dim=1) if blocks else torch.empty((self.n, 0), dtype=self.dtype, device=self.device)
+
+
 def _lanczos_steps(
     op: CurvatureOperator,
     q0: Tensor,
@@ -319,36 +364,30 @@ def _lanczos_steps(
     ``restart`` is true, and stops otherwise (for quadrature, a breakdown means the rule is already exact).
     """
     n = op.shape[0]
-    Q = torch.empty((n, min(max_steps, n)), dtype=op.dtype, device=op.device)
+    Q = KrylovBasis(n, op.dtype, op.device)
     alpha: list[float] = []
     beta: list[float] = []
     q = q0
     last_beta = 0.0
-    m = 0
-    for j in range(Q.shape[1]):
-        Q[:, j] = q
-        m = j + 1
+    steps = min(max_steps, n)
+    for _ in range(steps):
+        Q.append(q)
         w = op.matvec(q)
         a = float(torch.dot(q, w))
         alpha.append(a)
-        # full reorthogonalisation (twice is enough, Parlett's "twice is enough") also removes the three-term part
-        basis = Q[:, :m]
-        for _ in range(2):
-            w = w - basis @ (basis.T @ w)
+        # full reorthogonalisation also removes the three-term recurrence's part (α q_j + β q_{j−1})
+        w = Q.project_out(w)
         b = float(w.norm())
         last_beta = b
-        scale = max(abs(a), max((abs(x) for x in alpha), default=0.0), 1e-30)
-        if stop is not None and stop(alpha, beta, b):
-            break
-        if m == Q.shape[1]:
+        scale = max(max(abs(x) for x in alpha), 1e-30)
+        if (stop is not None and stop(alpha, beta, b)) or Q.size == steps:
             break
         if b <= 1e-10 * scale:  # invariant subspace: restart orthogonally, T decouples (β = 0)
             if not restart:
                 last_beta = 0.0
                 break
             z = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-            for _ in range(2):
-                z = z - basis @ (basis.T @ z)
+            z = Q.project_out(z)
             zn = float(z.norm())
             if zn == 0.0:
                 break
@@ -358,8 +397,9 @@ def _lanczos_steps(
         else:
             q = w / b
             beta.append(b)
+    m = Q.size
     return LanczosDecomposition(
-        basis=Q[:, :m],
+        basis=Q,
         alpha=torch.tensor(alpha, dtype=torch.float64),
         beta=torch.tensor(beta[: m - 1], dtype=torch.float64),
         last_beta=last_beta,
@@ -463,7 +503,7 @@ def lanczos(
     theta, S = torch.linalg.eigh(dec.tridiagonal())
     idx = _select(theta, k, which)
     theta, S = theta[idx], S[:, idx]
-    vectors = dec.basis @ S.to(dec.basis.dtype)
+    vectors = dec.basis @ S
     res = dec.last_beta * S[-1].abs()
     scale = theta.abs()
     rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(torch.float64).tiny),
