@@ -345,3 +345,21 @@ def test_block_traces_share_probes_and_are_unbiased():
     assert res[0].num_matvecs == 500
     exact = block_hutchinson_traces(torch.diag(torch.arange(6.0)), [torch.arange(2), torch.arange(2, 6)], 3)
     assert [r.value for r in exact] == [1.0, 14.0]
+
+
+def test_hutchpp_sketch_stays_small_when_rtol_makes_the_budget_a_ceiling():
+    A = spectrum_matrix(OUTLIERS, seed=17)
+    calls = []
+
+    class Counting:
+        shape, dtype, device = A.shape, A.dtype, A.device
+
+        def matvec(self, v):
+            return A @ v
+
+        def matmat(self, V):
+            calls.append(V.shape[1])
+            return A @ V
+
+    res = hutchpp_trace(Counting(), 100_000, rtol=0.05, generator=gen())
+    assert max(calls) <= 32 and res.num_matvecs < 1000

@@ -581,7 +581,8 @@ def hutchpp_trace(
     Args:
         op: an operator or a dense symmetric matrix.
         num_matvecs: total product budget ``m``: ``2s`` for the sketch, the rest for Hutchinson (at least 2).
-        sketch_size: ``s``; default ``m // 3`` (the paper's split).
+        sketch_size: ``s``; default ``m // 3`` (the paper's split), at most 32 when ``rtol`` is given (then ``m`` is
+            only a ceiling, and the sketch holds ``s`` vectors of length ``P``).
         rtol: stop the Hutchinson part once ``stderr <= rtol * |value|`` (after ``min_probes`` probes).
         min_probes: fewest Hutchinson probes before ``rtol`` may stop (>= 2).
         distribution: ``"rademacher"`` or ``"normal"``.
@@ -597,7 +598,11 @@ def hutchpp_trace(
     op = as_operator(op)
     _check_trace_args(num_matvecs, min_probes, rtol, distribution, name="num_matvecs", minimum=3)
     n = op.shape[0]
-    s = num_matvecs // 3 if sketch_size is None else sketch_size
+    if sketch_size is None:
+        # the paper's split; with rtol the budget is only a ceiling, so the sketch (s vectors of length P) stays small
+        s = num_matvecs // 3 if rtol is None else min(num_matvecs // 3, 32)
+    else:
+        s = sketch_size
     _check_positive_int("sketch_size", s)
     s = min(s, n)
     remaining = num_matvecs - 2 * s

@@ -178,6 +178,8 @@ class HessianOperator:
         self.numels = [p.numel() for p in self.params.values()]
         P = sum(self.numels)
         self.shape = (P, P)
+        ends = torch.tensor(self.numels).cumsum(0).tolist()
+        self._slices = [(e - n, e) for e, n in zip(ends, self.numels)]
         self.num_matvecs = 0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
         self._loss_value: float | None = None
@@ -194,10 +196,13 @@ class HessianOperator:
     def flatten(self, tensors: Mapping[str, Tensor | None] | list[Tensor | None]) -> Tensor:
         """Concatenate per-parameter tensors (``None`` meaning zero) into a flat vector."""
         values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
-        out = []
-        for t, n, p in zip(values, self.numels, self.params.values()):
-            out.append(torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1).to(p))
-        return torch.cat(out)
+        if all(t is not None for t in values):
+            return torch.cat([t.reshape(-1) for t in values]).to(self.dtype)  # type: ignore[union-attr]
+        out = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for t, (start, stop) in zip(values, self._slices):
+            if t is not None:
+                out[start:stop] = t.reshape(-1)
+        return out
 
     # ------------------------------------------------------------------ public API
     @property
@@ -328,11 +333,11 @@ class HessianOperator:
         grads, leaves, live = self._ensure_graph()
         if not live:
             return torch.zeros_like(v)
-        parts = self.unflatten(v)
-        grad_outputs = [parts[self.names[i]] for i in live]
-        with _second_order_context(self.device):
-            hv = torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
-        return self.flatten(list(hv)).detach()
+        grad_outputs = [v[self._slices[i][0]:self._slices[i][1]].view(self.shapes[i]) for i in live]
+        # Only the reverse pass through the retained graph: no forward kernel runs, so autocast and the SDPA kernel
+        # choice (set while the graph was built) do not matter here, and grad mode is not needed for autograd.grad.
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        return self.flatten(list(hv))
 
     def _matvec_fwd_rev(self, v: Tensor) -> Tensor:
         tangents = self.unflatten(v)
