@@ -137,7 +137,8 @@ class CurvatureMonitor(Callback):
         every_n_train_steps: estimate every this many optimizer steps (>= 1).
         top_k: number of top eigenvalues (>= 1).
         num_probes: maximum Hutchinson probes per estimate (>= 2).
-        trace_rtol: stop the trace estimate early when ``stderr <= trace_rtol * |trace|``; ``None`` uses all probes.
+        trace_rtol: stop the trace estimate once ``stderr <= trace_rtol * |trace|`` (after 5 probes; default 5%);
+            ``None`` always uses ``num_probes``.
         trace_estimator: ``"auto"`` (``"deflated"`` when eigenvalues are computed, else ``"hutchpp"``),
             ``"hutchinson"``, ``"hutchpp"`` (``num_probes`` is its product budget) or ``"deflated"`` (Hutchinson on
             the complement of the top-k eigenvectors, whose Ritz values give the rest of the trace exactly).
@@ -167,7 +168,7 @@ class CurvatureMonitor(Callback):
         every_n_train_steps: int = 100,
         top_k: int = 1,
         num_probes: int = 20,
-        trace_rtol: float | None = None,
+        trace_rtol: float | None = 0.05,
         trace_estimator: str = "auto",
         eigen_solver: str = "lanczos",
         max_iter: int = 100,

@@ -36,7 +36,7 @@ class CurvatureMonitorConfig:
     every_n_train_steps: int = 100
     top_k: int = 1
     num_probes: int = 20
-    trace_rtol: float | None = None
+    trace_rtol: float | None = 0.05
     trace_estimator: str = "auto"
     eigen_solver: str = "lanczos"
     max_iter: int = 100

@@ -500,12 +500,18 @@ def module_loss_fn(
     }
     devices = [params[next(iter(params))].device]
     cuda_devices = [d for d in devices if d.type == "cuda"]
+    cpu_state = torch.Generator().manual_seed(seed).get_state()
 
     def loss_fn(theta: dict[str, Tensor]) -> Tensor:
         # Fresh buffer copies on every call: nothing a forward pass writes into a buffer leaks out or between calls.
         state = {**fixed, **{k: b.clone() for k, b in buffers.items()}, **{"inner." + k: v for k, v in theta.items()}}
         with torch.random.fork_rng(devices=cuda_devices), _mode(module, mode == "train"):
-            torch.manual_seed(seed)
+            # the same stream on every call (same dropout masks); set_rng_state is far cheaper than manual_seed,
+            # which also queues lazy seeding of every accelerator backend
+            torch.set_rng_state(cpu_state)
+            for d in cuda_devices:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(seed)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*functional_call.*")
                 return torch.func.functional_call(wrapper, state, (), strict=False, tie_weights=True)
