@@ -279,9 +279,12 @@ class CurvatureMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_train_steps=self.every_n_train_steps, top_k=self.top_k, log_prefix=self.log_prefix
-        )
+        # Lightning asks for it several times per batch; the arguments it depends on are fixed at construction
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(
+                every_n_train_steps=self.every_n_train_steps, top_k=self.top_k, log_prefix=self.log_prefix
+            )
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
