@@ -297,3 +297,27 @@ def test_scaled_and_block_operators():
                                + torch.diag(s))
     blk = BlockOperator(DenseOperator(A), torch.tensor([0, 2]))
     torch.testing.assert_close(blk.matmat(torch.eye(2, dtype=torch.float64)), A[[0, 2]][:, [0, 2]])
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
+def test_vmapped_matmat_equals_the_loop(problem):
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(sum(p.numel() for p in problem.params().values()), 7, generator=g, dtype=torch.float64)
+    loop = HessianOperator(problem.loss_fn(), problem.params()).matmat(V)
+    op = HessianOperator(problem.loss_fn(), problem.params(), block_size=3)  # blocks of 3, 3 and 1 columns
+    torch.testing.assert_close(op.matmat(V), loop, rtol=1e-10, atol=1e-12)
+    assert not op._vmap_failed and op.num_matvecs == 7
+
+
+def test_vmapped_matmat_falls_back_to_the_loop_where_vmap_fails():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4, dtype=torch.float64)
+    loop = HessianOperator.from_module(model, F.cross_entropy, x, y, mode="train").matmat(V)
+    loss_fn, theta = module_loss_fn(model, lambda m: F.cross_entropy(m(x), y), mode="train")
+    op = HessianOperator(loss_fn, theta, block_size=4)
+    torch.testing.assert_close(op.matmat(V), loop)
+    assert op._vmap_failed  # dropout draws random numbers, which vmap refuses by default
+    with pytest.raises(ValueError, match="block_size"):
+        HessianOperator(loss_fn, theta, block_size=-1)
