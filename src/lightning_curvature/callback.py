@@ -437,8 +437,7 @@ class CurvatureMonitor(Callback):
         hook = getattr(pl_module, OUTPUTS_HOOK)
         with torch.no_grad():
             targets = [_cast(hook(_cast(b, dtype))[1], dtype) for b, _ in batches]
-        sizes = [_batch_size(b) for b, _ in batches]
-        weights = [n / sum(sizes) for n in sizes]
+        sizes, weights = _batch_weights(batches)
 
         def outputs(module: pl.LightningModule) -> Tensor:
             return torch.cat([hook(_cast(b, dtype))[0].reshape(n, -1) for (b, _), n in zip(batches, sizes)])
@@ -621,9 +620,7 @@ class CurvatureMonitor(Callback):
 
     def _loss_closure(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], dtype: torch.dtype) -> Any:
         hook = getattr(pl_module, LOSS_HOOK, None)
-        sizes = [_batch_size(b) for b, _ in batches]
-        total = float(sum(sizes))
-        weights = [s / total for s in sizes]
+        _, weights = _batch_weights(batches)
         takes_idx = "batch_idx" in inspect.signature(pl_module.training_step).parameters
 
         def closure(module: pl.LightningModule) -> Tensor:
@@ -806,6 +803,13 @@ def select_blocks(
         for n in hits:
             selected[n] = candidates[n]
     return selected
+
+
+def _batch_weights(batches: list[tuple[Any, int]]) -> tuple[list[int], list[float]]:
+    """Batch sizes and their shares of the total: several batches are averaged weighted by batch size."""
+    sizes = [_batch_size(b) for b, _ in batches]
+    total = float(sum(sizes))
+    return sizes, [n / total for n in sizes]
 
 
 def _batch_size(batch: Any) -> int:

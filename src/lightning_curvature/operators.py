@@ -455,8 +455,8 @@ def _cast(x: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(x, Tensor):
         return x.to(dtype) if x.is_floating_point() else x
     if isinstance(x, Mapping):
-        return type(x)({k: _cast(v, dtype) for k, v in x.items()}) if not hasattr(x, "_fields") else x
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)({k: _cast(v, dtype) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
         return type(x)(*(_cast(v, dtype) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(_cast(v, dtype) for v in x)
