@@ -253,7 +253,7 @@ def test_checkpoint_state_and_resume(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("CurvatureMonitor")]
     assert state["last_step"] == 4 and state["num_estimates"] == 2
-    assert state["eigenvectors"].shape[1] == 2
+    assert state["plan"]["vectors"]["top"].shape[1] == 2
 
     cb2 = CurvatureMonitor(every_n_train_steps=4, top_k=2, num_probes=3, max_iter=5)
     logger2 = CSVLogger(tmp_path, name="resumed")
@@ -298,7 +298,7 @@ def test_nan_loss_warns_once_and_training_goes_on(tmp_path):
     assert trainer.global_step == 8
     assert sum("skipped an estimate" in str(w.message) for w in record) == 1
     assert cb._num_estimates == 5  # steps 0,1,2,6,7
-    assert not cb._disabled
+    assert not cb.disabled
 
 
 class NoSecondDerivativeNet(Net):
@@ -312,7 +312,7 @@ def test_op_without_second_derivatives_warns_once_and_switches_off(tmp_path):
         trainer, _ = fit(tmp_path, [cb], model=NoSecondDerivativeNet(batchnorm=False), max_steps=5)
     assert trainer.global_step == 5
     assert sum("switched off" in str(w.message) for w in record) == 1
-    assert cb._disabled and cb._num_estimates == 0
+    assert cb.disabled and cb._num_estimates == 0
 
 
 # ---------------------------------------------------------------- bad input

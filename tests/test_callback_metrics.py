@@ -66,7 +66,7 @@ def test_gradient_and_update_curvature():
     model, x, y, op, H = setup_problem()
     g = op.gradient()
     u = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    previous = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - u
+    previous = {k: p.detach() - du for (k, p), du in zip(model.named_parameters(), op.unflatten(u).values())}
     out = monitor(metrics=["grad_curvature"]).estimate(model, [((x, y), 0)], previous_params=previous)
     assert out["grad_curvature"] == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-8)
     assert out["update_curvature"] == pytest.approx(float(u @ H @ u / (u @ u)), rel=1e-8)
@@ -78,8 +78,8 @@ def test_layer_breakdown_against_dense_blocks():
                  layer_metrics=["trace", "lambda_max", "eig_mass"])
     from lightning_curvature.callback import select_blocks
 
-    cb._blocks = select_blocks(model, None, 2)
-    assert list(cb._blocks) == ["net.0", "net.3"]
+    cb.plan.blocks = select_blocks(model, None, 2)
+    assert list(cb.plan.blocks) == ["net.0", "net.3"]
     out = cb.estimate(model, [((x, y), 0)])
     sizes = [p.numel() for p in model.parameters()]
     first = sum(sizes[:2])

@@ -122,7 +122,7 @@ def test_estimates_keep_no_graphs_or_vectors_alive():
                                                           "density"], module_depth=2)
     from lightning_curvature.callback import select_blocks
 
-    cb._blocks = select_blocks(model, None, 2)
+    cb.plan.blocks = select_blocks(model, None, 2)
     for _ in range(5):
         cb.estimate(model, [((x, y), 0)])
     before = _live_tensors()

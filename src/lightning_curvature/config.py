@@ -1,7 +1,7 @@
 """Structured configs (schemas) for Hydra.
 
-:class:`CurvatureMonitorConfig` mirrors :class:`~lightning_curvature.CurvatureMonitor`'s ``__init__`` argument for
-argument (same names, types and defaults; a test pins them). Registered in Hydra's ``ConfigStore`` by
+:class:`CurvatureMonitorConfig` is derived from :class:`~lightning_curvature.options.MonitorOptions`, the one source of
+truth of the callback's options (a test pins the callback's signature to it). Registered in Hydra's ``ConfigStore`` by
 :func:`register_configs`, it is the schema of ``configs/callbacks/curvature.yaml``: a misspelt key or a value of the
 wrong type then fails when the config is composed, before anything trains, e.g.::
 
@@ -15,7 +15,11 @@ Hydra is an optional dependency (``pip install 'lightning-curvature[examples]'``
 :func:`register_configs`, and nothing else in the package imports this module. Neither does it import Lightning.
 """
 
-from dataclasses import dataclass
+import dataclasses
+import typing
+from typing import Any
+
+from .options import MonitorOptions
 
 __all__ = ["SCHEMA_GROUP", "CurvatureMonitorConfig", "register_configs"]
 
@@ -23,41 +27,27 @@ __all__ = ["SCHEMA_GROUP", "CurvatureMonitorConfig", "register_configs"]
 SCHEMA_GROUP = "schema"
 
 
-@dataclass
-class CurvatureMonitorConfig:
-    """Schema of :class:`~lightning_curvature.CurvatureMonitor`: one field per ``__init__`` argument.
+def _schema() -> type:
+    """``CurvatureMonitorConfig``: ``_target_`` plus the fields of ``MonitorOptions``.
 
-    See the callback's docstring for the meaning of each field. ``metrics``, ``modules`` and ``layer_metrics`` are
-    ``Sequence[str]`` in the callback and ``tuple[str, ...]`` here (OmegaConf has no ``Sequence``); they compose to
-    lists.
+    Same names, types and defaults, in the same order; derived, so the two cannot drift apart.
     """
+    target = dataclasses.field(default="lightning_curvature.CurvatureMonitor")
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, target)]
+    hints = typing.get_type_hints(MonitorOptions)
+    for f in dataclasses.fields(MonitorOptions):
+        fields.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
+    cls = dataclasses.make_dataclass("CurvatureMonitorConfig", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = (
+        "Schema of :class:`~lightning_curvature.CurvatureMonitor`: one field per ``__init__`` argument, derived from "
+        ":class:`~lightning_curvature.options.MonitorOptions`. ``metrics``, ``modules`` and ``layer_metrics`` are "
+        "``tuple[str, ...]`` here (OmegaConf has no ``Sequence``); they compose to lists."
+    )
+    return cls
 
-    _target_: str = "lightning_curvature.CurvatureMonitor"
-    every_n_train_steps: int = 100
-    top_k: int = 1
-    num_probes: int = 20
-    trace_rtol: float | None = 0.05
-    trace_estimator: str = "auto"
-    eigen_solver: str = "lanczos"
-    max_iter: int = 100
-    tol: float = 1e-3
-    data: str = "current"
-    num_batches: int = 1
-    mode: str = "eval"
-    backend: str = "auto"
-    dtype: str = "float32"
-    distribution: str = "rademacher"
-    warm_start: bool = True
-    density_probes: int = 3
-    density_steps: int = 30
-    seed: int = 0
-    metrics: tuple[str, ...] = ("trace", "eigenvalues", "eos", "grad_curvature")
-    modules: tuple[str, ...] | None = None
-    module_depth: int | None = None
-    layer_metrics: tuple[str, ...] = ("trace",)
-    curvature: str = "hessian"
-    ggn_loss: str = "cross_entropy"
-    log_prefix: str = "curvature/"
+
+CurvatureMonitorConfig = _schema()
 
 
 def register_configs() -> None:

@@ -36,8 +36,11 @@ __all__ = [
     "DistributedOperator",
     "HessianOperator",
     "HVPUnsupportedError",
+    "ModuleLoss",
+    "ReentrantCheckpointError",
     "as_operator",
     "module_loss_fn",
+    "private_copy",
 ]
 
 Backend = Literal["auto", "double-backward", "forward-over-reverse"]
@@ -108,9 +111,44 @@ def as_operator(A: Any) -> CurvatureOperator:
     raise TypeError(f"Expected a curvature operator (with matvec and shape) or a square tensor, got {type(A)!r}.")
 
 
+class ReentrantCheckpointError(HVPUnsupportedError):
+    """The loss uses reentrant activation checkpointing, which cannot be differentiated twice.
+
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` is incompatible with ``autograd.grad``, and silently
+    drops the gradients of the checkpointed parameters when no input of the checkpointed block requires grad.
+    """
+
+
+def _refuse_reentrant(cls: type, *args: Any, **kwargs: Any) -> Any:
+    raise ReentrantCheckpointError(
+        "the model uses reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., "
+        "use_reentrant=True)), which cannot be differentiated twice. Pass use_reentrant=False (the same memory "
+        "savings, and PyTorch's recommended default), or use backend='finite-difference'."
+    )
+
+
+@contextlib.contextmanager
+def _no_reentrant_checkpoint() -> Iterator[None]:
+    """Turn a reentrant checkpoint inside the body into :class:`ReentrantCheckpointError` at once.
+
+    Instead of a Hessian silently missing the checkpointed blocks, or an obscure error later.
+    """
+    from torch.utils.checkpoint import CheckpointFunction
+
+    own = CheckpointFunction.__dict__.get("apply")
+    CheckpointFunction.apply = classmethod(_refuse_reentrant)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        if own is None:
+            del CheckpointFunction.apply
+        else:
+            CheckpointFunction.apply = own  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def _second_order_context(device: torch.device) -> Iterator[None]:
-    """Grad on, autocast off, and the math SDPA kernel (the fused ones have no double backward)."""
+    """Grad on, autocast off, the math SDPA kernel (the fused ones have no double backward), no reentrant checkpoint."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with contextlib.ExitStack() as stack:
@@ -119,6 +157,7 @@ def _second_order_context(device: torch.device) -> Iterator[None]:
             if dev in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=dev, enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(_no_reentrant_checkpoint())
         yield
 
 
@@ -196,6 +235,8 @@ class HessianOperator:
         self._gradient: Tensor | None = None
         self._detached: list[str] = []
         self._blocked = ""
+        self._errors: list[str] = []
+        self._auto_pending = backend == "auto"  # the first product may still fall back to the other backend
 
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -206,6 +247,7 @@ class HessianOperator:
     def flatten(self, tensors: Mapping[str, Tensor | None] | list[Tensor | None]) -> Tensor:
         """Concatenate per-parameter tensors (``None`` meaning zero) into a flat vector."""
         values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+        values = [t.to_dense() if t is not None and t.layout != torch.strided else t for t in values]
         if all(t is not None for t in values):
             return torch.cat([t.reshape(-1) for t in values]).to(self.dtype)  # type: ignore[union-attr]
         out = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
@@ -226,11 +268,20 @@ class HessianOperator:
     def gradient(self) -> Tensor:
         """The flat gradient ``∇L(θ)`` (free once the double-backward graph exists)."""
         if self._gradient is None:
-            if self.backend != "forward-over-reverse":
+            if self.backend is None:
+                self._resolve_backend()
+            if self.backend == "double-backward":
                 self._ensure_graph()
             else:
-                with _second_order_context(self.device):
-                    grads, loss = torch.func.grad_and_value(self.loss_fn)(self.params)
+                try:
+                    with _second_order_context(self.device):
+                        grads, loss = torch.func.grad_and_value(self.loss_fn)(self.params)
+                except HVPUnsupportedError:
+                    raise
+                except (RuntimeError, NotImplementedError, TypeError) as err:
+                    if self.requested_backend != "auto":
+                        raise
+                    self._unsupported(f"forward-over-reverse: {type(err).__name__}: {err}")
                 self._check_loss(loss)
                 self._loss_value = float(loss.detach())
                 self._gradient = self.flatten(grads).detach()
@@ -242,7 +293,7 @@ class HessianOperator:
         if v.ndim != 1 or v.shape[0] != self.shape[0]:
             raise ValueError(f"matvec expects a flat vector of length {self.shape[0]}, got shape {tuple(v.shape)}.")
         v = v.to(device=self.device, dtype=self.dtype)
-        if self.backend is None:
+        if self._auto_pending:
             return self._auto_matvec(v)
         out = self._matvec_double_backward(v) if self.backend == "double-backward" else self._matvec_fwd_rev(v)
         self.num_matvecs += 1
@@ -287,34 +338,61 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ backends
     def _auto_matvec(self, v: Tensor) -> Tensor:
-        errors = []
+        """``"auto"``'s first product: resolve the backend, and fall back if the chosen one fails on it."""
+        if self.backend is None:
+            self._resolve_backend()
+        if self.backend == "double-backward":
+            try:
+                out = self._matvec_double_backward(v)
+            except ReentrantCheckpointError:
+                raise
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                self._errors.append(f"double-backward: {type(err).__name__}: {err}")
+                self.release()
+                self.backend = "forward-over-reverse"
+            else:
+                self._auto_pending = False
+                self.num_matvecs += 1
+                return out
+        try:
+            out = self._matvec_fwd_rev(v)
+        except HVPUnsupportedError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            self._unsupported(f"forward-over-reverse: {type(err).__name__}: {err}")
+        self._auto_pending = False
+        self.num_matvecs += 1
+        return out
+
+    def _resolve_backend(self) -> None:
+        """``"auto"``: double backward when the first-order graph can be trusted, else forward-over-reverse."""
         try:
             self._ensure_graph()
             if not self._detached and not self._blocked:
                 self.backend = "double-backward"
-                return self.matvec(v)
+                return
             if self._blocked:
-                errors.append(
+                self._errors.append(
                     f"double-backward: the first-order graph contains ops whose backward is not differentiable "
                     f"({self._blocked}); their second-order terms would be silently dropped"
                 )
             else:
-                errors.append(
+                self._errors.append(
                     f"double-backward: the gradient of {self._detached} is detached from the graph (a backward that is "
                     "not differentiable, or a loss linear in them), so reverse-over-reverse cannot be trusted"
                 )
+        except ReentrantCheckpointError:
+            raise
         except (RuntimeError, NotImplementedError, TypeError) as err:
-            errors.append(f"double-backward: {type(err).__name__}: {err}")
+            self._errors.append(f"double-backward: {type(err).__name__}: {err}")
         self.release()
         self.backend = "forward-over-reverse"
-        try:
-            return self.matvec(v)
-        except (RuntimeError, NotImplementedError, TypeError) as err:
-            errors.append(f"forward-over-reverse: {type(err).__name__}: {err}")
+
+    def _unsupported(self, error: str) -> None:
         self.backend = None
         raise HVPUnsupportedError(
             "No backend could compute a Hessian-vector product of this loss (an op without second "
-            "derivatives?).\n" + "\n".join(errors)
+            "derivatives?).\n" + "\n".join([*self._errors, error])
         )
 
     def _ensure_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
@@ -323,7 +401,8 @@ class HessianOperator:
             with _second_order_context(self.device):
                 loss = self.loss_fn(leaves)
                 self._check_loss(loss)
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+                grads = self._replay(lambda: torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                                                 allow_unused=True))
             self._loss_value = float(loss.detach())
             self._gradient = self.flatten(list(grads)).detach()
             # Differentiate only the gradient blocks that depend on θ. Unused parameters (None) have zero rows. A
@@ -362,10 +441,17 @@ class HessianOperator:
         if not live:
             return torch.zeros_like(v)
         grad_outputs = [v[self._slices[i][0]:self._slices[i][1]].view(self.shapes[i]) for i in live]
-        # Only the reverse pass through the retained graph: no forward kernel runs, so autocast and the SDPA kernel
-        # choice (set while the graph was built) do not matter here, and grad mode is not needed for autograd.grad.
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        # A reverse pass through the retained graph. Activation checkpointing recomputes forward pieces inside it, so
+        # it runs in the graph's own context (the loss function's replay: the same substituted tensors, flags and RNG
+        # state; autocast off, math attention).
+        with _second_order_context(self.device):
+            hv = self._replay(lambda: torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True,
+                                                          allow_unused=True))
         return self.flatten(list(hv))
+
+    def _replay(self, fn: Callable[[], Any]) -> Any:
+        replay = getattr(self.loss_fn, "replay", None)
+        return fn() if replay is None else replay(fn)
 
     def _matvec_fwd_rev(self, v: Tensor) -> Tensor:
         tangents = self.unflatten(v)
@@ -437,30 +523,43 @@ def _nondifferentiable_nodes(tensors: list[Tensor]) -> str:
 
 
 class _Closure(nn.Module):
-    """Wraps a module so that ``functional_call`` can run an arbitrary closure on it, not only ``forward``."""
+    """Wraps a module so that ``functional_call`` can run any thunk with the module's tensors substituted."""
 
-    def __init__(self, inner: nn.Module, closure: Callable[[nn.Module], Tensor]) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        self._closure = closure
 
-    def forward(self) -> Tensor:
-        return self._closure(self.inner)
+    def forward(self, thunk: Callable[[], Any]) -> Any:
+        return thunk()
+
+
+def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside a (nested) batch: dicts, lists, tuples and namedtuples."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return type(x)({k: _map_tensors(v, fn) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_map_tensors(v, fn) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
 
 
 def _cast(x: Any, dtype: torch.dtype | None) -> Any:
     """Cast floating tensors inside a (nested) batch to ``dtype``."""
     if dtype is None:
         return x
-    if isinstance(x, Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, Mapping):
-        return type(x)({k: _cast(v, dtype) for k, v in x.items()})
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-        return type(x)(*(_cast(v, dtype) for v in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_cast(v, dtype) for v in x)
-    return x
+    return _map_tensors(x, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def private_copy(x: Any, dtype: torch.dtype | None = None) -> Any:
+    """A copy of every tensor inside a (nested) batch, floating ones cast to ``dtype``.
+
+    Code that edits its batch in place then edits the copy.
+    """
+    return _map_tensors(x, lambda t: t.to(dtype, copy=True) if dtype is not None and t.is_floating_point()
+                        else t.clone())
 
 
 @contextlib.contextmanager
@@ -485,6 +584,132 @@ def _mode(module: nn.Module, training: bool) -> Iterator[None]:
             m.track_running_stats = track
 
 
+@contextlib.contextmanager
+def _dense_embeddings(module: nn.Module) -> Iterator[None]:
+    """``sparse=False`` on embeddings for the duration.
+
+    The same values, dense gradients (which autograd can differentiate again and the flat vectors can hold).
+    """
+    sparse = [m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    try:
+        for m in sparse:
+            m.sparse = False
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Ignore ``torch.compile`` for the duration.
+
+    Products run the original modules eagerly, never through dynamo, so they neither trigger recompilation nor evict
+    or bypass the training's compiled graphs.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # torch < 2.6
+        from torch._dynamo import config as dynamo_config
+
+        with dynamo_config.patch(disable=True):
+            yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+class ModuleLoss:
+    """``closure(module)`` as a pure function ``θ ↦ loss`` of a parameter dict, for :class:`HessianOperator`.
+
+    Each call runs ``closure`` with the module's differentiated parameters replaced by ``θ``
+    (``torch.func.functional_call``) and every other parameter and buffer replaced by a private copy made for that
+    call (so BatchNorm running statistics, counters and frozen weights written in place never change, and every call
+    sees the same values); with the train/eval flags set by ``mode``; with the global RNG forked and set to the same
+    state (so every call draws the same dropout masks and the caller's stream is untouched); with ``torch.compile``
+    ignored (the original modules run eagerly: compiled graphs cannot be differentiated twice, and running them here
+    would recompile or evict the training's graphs); with sparse embeddings producing dense gradients; and with the
+    Python-level state of every submodule (``self.hidden``, counters, lists of outputs) restored after the call, so
+    a stateful ``training_step`` is one fixed function.
+
+    :meth:`replay` re-enters the context of the last call (the same tensors, flags and RNG state): autograd needs it
+    when it recomputes a forward during backward (non-reentrant activation checkpointing), which would otherwise run
+    on the module's own parameters, outside all of the above.
+
+    Args:
+        module: the model; not modified.
+        closure: computes the scalar loss from the module, e.g. ``lambda m: F.mse_loss(m(x), y)``.
+        params: parameters to differentiate (default: all with ``requires_grad``).
+        dtype: optional compute dtype; parameters and floating buffers are cast to it.
+        mode: ``"eval"`` or ``"train"``.
+        seed: seed of the forked RNG inside each call.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        closure: Callable[[nn.Module], Tensor],
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        mode: Literal["eval", "train"] = "eval",
+        seed: int = 0,
+    ) -> None:
+        from .isolation import ModuleState
+
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be one of ('eval', 'train'), got {mode!r}.")
+        if params is None:
+            params = {k: p for k, p in module.named_parameters() if p.requires_grad}
+        if len(params) == 0:
+            raise ValueError(f"{type(module).__name__} has no trainable parameters (none with requires_grad=True).")
+        self.module, self.closure, self.mode, self.dtype = module, closure, mode, dtype
+        self.params = {k: p.detach() if dtype is None else p.detach().to(dtype) for k, p in params.items()}
+        self._wrapper = _Closure(module)
+        self._others: dict[str, Tensor] = {}
+        for name, p in module.named_parameters():
+            if name not in params:
+                self._others["inner." + name] = p.detach()
+        for name, b in module.named_buffers():
+            self._others["inner." + name] = b.detach()
+        self._cuda = [d for d in {p.device for p in self.params.values()} if d.type == "cuda"]
+        self._cpu_state = torch.Generator().manual_seed(seed).get_state()
+        self._seed = seed
+        self._python_state = ModuleState(module)
+        self._last: dict[str, Tensor] | None = None
+
+    def _private(self, t: Tensor) -> Tensor:
+        if self.dtype is not None and t.is_floating_point():
+            return t.to(self.dtype, copy=True)
+        return t.clone()
+
+    def __call__(self, theta: dict[str, Tensor]) -> Tensor:
+        state = {k: self._private(t) for k, t in self._others.items()}
+        state.update({"inner." + k: v for k, v in theta.items()})
+        self._last = state
+        return self._run(state, lambda: self.closure(self.module))
+
+    def replay(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` inside the context of the last call (before the first call: as it is)."""
+        return fn() if self._last is None else self._run(self._last, fn)
+
+    def _run(self, state: dict[str, Tensor], thunk: Callable[[], Any]) -> Any:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self._cuda))
+            stack.enter_context(_mode(self.module, self.mode == "train"))
+            stack.enter_context(_dense_embeddings(self.module))
+            stack.enter_context(_eager())
+            stack.enter_context(self._python_state.restoring())
+            # the same stream on every call (same dropout masks); set_rng_state is far cheaper than manual_seed,
+            # which also queues lazy seeding of every accelerator backend
+            torch.set_rng_state(self._cpu_state)
+            for d in self._cuda:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(self._seed)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*functional_call.*")
+                return torch.func.functional_call(self._wrapper, state, (thunk,), strict=False, tie_weights=True)
+
+
 def module_loss_fn(
     module: nn.Module,
     closure: Callable[[nn.Module], Tensor],
@@ -493,62 +718,16 @@ def module_loss_fn(
     dtype: torch.dtype | None = None,
     mode: Literal["eval", "train"] = "eval",
     seed: int = 0,
-) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
+) -> tuple[ModuleLoss, dict[str, Tensor]]:
     """Turn ``closure(module) -> loss`` into a pure function of a parameter dict, for :class:`HessianOperator`.
 
-    The returned ``loss_fn(θ)`` runs ``closure`` with the module's differentiated parameters replaced by ``θ``
-    (``torch.func.functional_call``), every buffer replaced by a private copy (so BatchNorm running statistics
-    never change), the train/eval flags set by ``mode`` and restored afterwards, and the global RNG forked and
-    seeded with ``seed`` (so every call draws the same dropout masks and the caller's RNG stream is untouched).
-
-    Args:
-        module: the model; not modified.
-        closure: computes the scalar loss from the module, e.g. ``lambda m: F.mse_loss(m(x), y)``.
-        params: parameters to differentiate (default: all with ``requires_grad``).
-        dtype: optional compute dtype; parameters and buffers are cast to it.
-        mode: ``"eval"`` or ``"train"``.
-        seed: seed of the forked RNG inside each call.
+    See :class:`ModuleLoss` for what each call isolates.
 
     Returns:
         ``(loss_fn, params)`` ready for ``HessianOperator(loss_fn, params)``.
     """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be one of ('eval', 'train'), got {mode!r}.")
-    if params is None:
-        params = {k: p for k, p in module.named_parameters() if p.requires_grad}
-    if len(params) == 0:
-        raise ValueError(f"{type(module).__name__} has no trainable parameters (none with requires_grad=True).")
-    params = {k: p.detach() if dtype is None else p.detach().to(dtype) for k, p in params.items()}
-    wrapper = _Closure(module, closure)
-    fixed: dict[str, Tensor] = {}
-    for name, p in module.named_parameters():
-        if name not in params:
-            fixed["inner." + name] = p.detach() if dtype is None else p.detach().to(dtype)
-    buffers = {
-        "inner." + name: b.detach() if (dtype is None or not b.is_floating_point()) else b.detach().to(dtype)
-        for name, b in module.named_buffers()
-    }
-    devices = [params[next(iter(params))].device]
-    cuda_devices = [d for d in devices if d.type == "cuda"]
-    cpu_state = torch.Generator().manual_seed(seed).get_state()
-
-    def loss_fn(theta: dict[str, Tensor]) -> Tensor:
-        # Fresh buffer copies on every call: nothing a forward pass writes into a buffer leaks out or between calls.
-        state = {**fixed, **{k: b.clone() for k, b in buffers.items()}, **{"inner." + k: v for k, v in theta.items()}}
-        with torch.random.fork_rng(devices=cuda_devices), _mode(module, mode == "train"):
-            # the same stream on every call (same dropout masks); set_rng_state is far cheaper than manual_seed,
-            # which also queues lazy seeding of every accelerator backend
-            torch.set_rng_state(cpu_state)
-            for d in cuda_devices:
-                with torch.cuda.device(d):
-                    torch.cuda.manual_seed(seed)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*functional_call.*")
-                return torch.func.functional_call(wrapper, state, (), strict=False, tie_weights=True)
-
-    return loss_fn, params
-
-
+    loss_fn = ModuleLoss(module, closure, params=params, dtype=dtype, mode=mode, seed=seed)
+    return loss_fn, loss_fn.params
 
 
 class ScaledOperator:
@@ -652,7 +831,8 @@ class GGNOperator(HessianOperator):
             with _second_order_context(self.device):
                 out = self.output_fn(leaves)
                 u = torch.zeros_like(out, requires_grad=True)
-                ju = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True, allow_unused=True)
+                ju = self._replay(lambda: torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,
+                                                              allow_unused=True))
                 out_d = out.detach().requires_grad_(True)
                 loss = self.loss_of_output(out_d)
                 self._check_loss(loss)
@@ -667,7 +847,8 @@ class GGNOperator(HessianOperator):
         if self._gradient is None:
             c = self._ensure_ggn()
             with _second_order_context(self.device):
-                g = torch.autograd.grad(c["out"], c["leaves"], c["gl"].detach(), retain_graph=True, allow_unused=True)
+                g = self._replay(lambda: torch.autograd.grad(c["out"], c["leaves"], c["gl"].detach(), retain_graph=True,
+                                                             allow_unused=True))
             self._gradient = self.flatten(list(g)).detach()
         return self._gradient
 
@@ -680,12 +861,19 @@ class GGNOperator(HessianOperator):
         if not c["live"]:
             return torch.zeros_like(v)
         parts = self.unflatten(v)
-        with _second_order_context(self.device):
+        def product() -> tuple[Tensor | None, ...]:
             # J v: the vjp Jᵀu is linear in u, so its derivative along v with respect to u is J v
             jv = torch.autograd.grad(c["ju"], c["u"], [parts[self.names[i]] for i in c["live"]], retain_graph=True)[0]
             hjv = torch.autograd.grad(c["gl"], c["out_d"], jv, retain_graph=True)[0]
-            gv = torch.autograd.grad(c["out"], c["leaves"], hjv, retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(c["out"], c["leaves"], hjv, retain_graph=True, allow_unused=True)
+
+        with _second_order_context(self.device):
+            gv = self._replay(product)
         return self.flatten(list(gv)).detach()
+
+    def _replay(self, fn: Callable[[], Any]) -> Any:
+        replay = getattr(self.output_fn, "replay", None)
+        return fn() if replay is None else replay(fn)
 
     def __repr__(self) -> str:
         return f"GGNOperator(P={self.shape[0]}, dtype={self.dtype})"
@@ -719,6 +907,9 @@ class DistributedOperator:
         self.device = op.device
         self._loss: float | None = None
         self._gradient: Tensor | None = None
+        #: the first exception this process raised computing its share; it contributed NaN instead, so every process
+        #: still takes part in every all-reduce (an exception here would leave the others waiting forever)
+        self.local_error: BaseException | None = getattr(op, "local_error", None)
 
     def __getattr__(self, name: str) -> Any:  # names, numels, params, flatten, unflatten, release, num_matvecs
         return getattr(self.op, name)
@@ -728,20 +919,28 @@ class DistributedOperator:
         self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
         return t / self.world_size
 
+    def _local(self, fn: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - reported through local_error after the collective
+            if self.local_error is None:
+                self.local_error = err
+            return torch.full(shape, float("nan"), dtype=self.dtype, device=self.device)
+
     @property
     def loss(self) -> float:
         if self._loss is None:
-            local = torch.tensor([self.op.loss], dtype=torch.float64, device=self.device)
-            self._loss = float(self._mean(local))
+            local = self._local(lambda: torch.tensor([self.op.loss], dtype=self.dtype, device=self.device), (1,))
+            self._loss = float(self._mean(local.to(torch.float64)))
         return self._loss
 
     def gradient(self) -> Tensor:
         if self._gradient is None:
-            self._gradient = self._mean(self.op.gradient())
+            self._gradient = self._mean(self._local(self.op.gradient, (self.shape[0],)))
         return self._gradient
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self._mean(self.op.matvec(v))
+        return self._mean(self._local(lambda: self.op.matvec(v), (self.shape[0],)))
 
     def matmat(self, V: Tensor) -> Tensor:
-        return self._mean(self.op.matmat(V))
+        return self._mean(self._local(lambda: self.op.matmat(V), (self.shape[0], V.shape[1])))
