@@ -243,17 +243,19 @@ class CurvatureMonitor(Callback):
         if self.boundary.disabled or trainer.sanity_checking:
             return
         step, n = trainer.global_step, self.options.every_n_train_steps
+        due = step % n == 0 and step != self._last_step
+        previous = None
+        if due and self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
+            previous = self._update_snapshot[1]
         if "grad_curvature" in self.options.metrics and (step + 1) % n == 0:
-            if self._update_snapshot is None or self._update_snapshot[0] != step:
+            if self._update_snapshot is None or self._update_snapshot[0] != step:  # the weights before this step
                 self.boundary.run(lambda: self._remember_weights(trainer, pl_module, step), rearm=False)
-        if step % n != 0 or step == self._last_step:
+        elif due:
+            self._update_snapshot = None
+        if not due:
             return
         self._last_step = step
         batches = self._fixed_batches if self.options.data == "fixed" else [(batch, batch_idx)]
-        previous = None
-        if self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
-            previous = self._update_snapshot[1]
-        self._update_snapshot = None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
         values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous,  # type: ignore

@@ -59,14 +59,20 @@ def rng_guard(devices: list[torch.device] | None = None) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------------- module state
 _CONTAINERS = (list, dict, set, collections.deque, bytearray)
+_MAX_DEPTH = 4
 
 
-def _copy_contents(value: Any) -> Any:
-    if isinstance(value, dict):  # OrderedDict, defaultdict, ... keep their items (and order)
-        return list(value.items())
-    if isinstance(value, (set, collections.deque, list, bytearray)):
-        return list(value)
-    return None
+def _snapshot(obj: Any, memo: dict[int, Any], depth: int = 0) -> list[tuple[Any, list[Any]]]:
+    """``[(container, its contents)]`` for ``obj`` and the containers nested in it (to ``_MAX_DEPTH`` levels)."""
+    if not isinstance(obj, _CONTAINERS) or id(obj) in memo or depth > _MAX_DEPTH:
+        return []
+    contents: list[Any] = list(obj.items()) if isinstance(obj, dict) else list(obj)
+    memo[id(obj)] = obj
+    out = [(obj, contents)]
+    for item in contents:
+        for child in (item if isinstance(obj, dict) else (item,)):
+            out += _snapshot(child, memo, depth + 1)
+    return out
 
 
 def _restore_contents(obj: Any, saved: list[Any]) -> None:
@@ -78,19 +84,23 @@ def _restore_contents(obj: Any, saved: list[Any]) -> None:
     elif isinstance(obj, list):
         if len(obj) != len(saved) or any(a is not b for a, b in zip(obj, saved)):
             obj[:] = saved
-    else:  # set, deque, bytearray
+    elif isinstance(obj, set):
         obj.clear()
-        obj.extend(saved) if not isinstance(obj, set) else obj.update(saved)
+        obj.update(saved)
+    else:  # deque, bytearray
+        obj.clear()
+        obj.extend(saved)
 
 
 class ModuleState:
     """The Python-level state of every submodule of ``module``, restorable in place.
 
     For each submodule, its ``__dict__`` entries are recorded by reference, and the contents of mutable containers
-    (``list``, ``dict``, ``set``, ``deque``; ``_parameters``/``_buffers``/``_modules`` included) are copied one level
-    deep. :meth:`restore` removes attributes added since, puts replaced ones back, and refills containers in place (so
-    other references to them see the old contents again). Objects inside containers are not copied (a list of tensors
-    is restored as the same tensors); the state of arbitrary user objects held in attributes is not tracked.
+    (``list``, ``dict``, ``set``, ``deque``; ``_parameters``/``_buffers``/``_modules`` included), and of the containers
+    nested in them (``self.history["loss"]``, four levels deep), are copied. :meth:`restore` removes attributes added
+    since, puts replaced ones back, and refills containers in place (so other references to them see the old contents
+    again). Other objects are kept by reference (a list of tensors is restored as the same tensors); the internal
+    state of arbitrary user objects held in attributes is not tracked.
 
     Args:
         module: the root module.
@@ -100,13 +110,14 @@ class ModuleState:
 
     def __init__(self, module: nn.Module, *, tensors: bool = False) -> None:
         self._modules = list(module.modules())
-        self._dicts: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        self._dicts: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._containers: list[tuple[Any, list[Any]]] = []
+        memo: dict[int, Any] = {}
         for m in self._modules:
             d = m.__dict__
-            refs = dict(d)
-            contents = {k: c for k, v in d.items()
-                        if isinstance(v, _CONTAINERS) and (c := _copy_contents(v)) is not None}
-            self._dicts.append((d, refs, contents))
+            self._dicts.append((d, dict(d)))
+            for v in d.values():
+                self._containers += _snapshot(v, memo)
         self._tensors: list[tuple[Tensor, int, Tensor]] = []
         if tensors:
             seen: set[int] = set()
@@ -121,14 +132,14 @@ class ModuleState:
 
     def restore(self) -> None:
         """Put every recorded attribute, container content and (with ``tensors``) tensor value back."""
-        for d, refs, contents in self._dicts:
+        for d, refs in self._dicts:
             for k in [k for k in d if k not in refs]:
                 del d[k]
             for k, v in refs.items():
                 if d.get(k, _MISSING) is not v:
                     d[k] = v
-            for k, saved in contents.items():
-                _restore_contents(refs[k], saved)
+        for container, saved in self._containers:
+            _restore_contents(container, saved)
         if self._tensors:
             with torch.no_grad():
                 for t, version, saved in self._tensors:

@@ -236,6 +236,7 @@ class HessianOperator:
         self._detached: list[str] = []
         self._blocked = ""
         self._errors: list[str] = []
+        self._forward_ok = False
         self._auto_pending = backend == "auto"  # the first product may still fall back to the other backend
 
     # ------------------------------------------------------------------ flat <-> dict
@@ -384,6 +385,8 @@ class HessianOperator:
         except ReentrantCheckpointError:
             raise
         except (RuntimeError, NotImplementedError, TypeError) as err:
+            if not self._forward_ok:  # the forward itself failed: another backend would fail the same way
+                raise
             self._errors.append(f"double-backward: {type(err).__name__}: {err}")
         self.release()
         self.backend = "forward-over-reverse"
@@ -398,8 +401,10 @@ class HessianOperator:
     def _ensure_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
         if self._graph is None:
             leaves = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
+            self._forward_ok = False
             with _second_order_context(self.device):
                 loss = self.loss_fn(leaves)
+                self._forward_ok = True  # an exception before this is the model's own, not the backend's
                 self._check_loss(loss)
                 grads = self._replay(lambda: torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                                                  allow_unused=True))

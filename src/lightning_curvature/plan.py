@@ -208,16 +208,17 @@ class MeasurementPlan:
         self.layout = state.get("layout")
 
     def __getstate__(self) -> dict[str, Any]:
-        # a torch.Generator cannot be pickled (ddp_spawn pickles the callback): keep its state, rebuild it after;
-        # the warning function may be a bound method of an unpicklable object: fall back to warnings.warn
+        # a torch.Generator cannot be pickled (ddp_spawn pickles the callback): keep its state, rebuild it after. As
+        # bytes, not a tensor: torch.multiprocessing would share a temporary tensor's memory, freed before the child
+        # maps it. The warning function may not pickle: fall back to warnings.warn.
         state = self.__dict__.copy()
-        state["generator"] = self.generator.get_state()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
         state["warn"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator()
-        generator.set_state(state["generator"])
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
         self.__dict__.update({**state, "generator": generator})
         if self.warn is None:
             self.warn = lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3)
