@@ -22,6 +22,7 @@ from .estimators import (
     random_probes,
     spectral_density,
 )
+from .isolation import ErrorBoundary, ModuleState, isolated
 from .operators import (
     BlockOperator,
     DenseOperator,
@@ -32,6 +33,8 @@ from .operators import (
     as_operator,
     module_loss_fn,
 )
+from .options import MonitorOptions
+from .plan import MeasurementPlan
 
 if TYPE_CHECKING:
     from .callback import CurvatureMonitor
@@ -43,6 +46,10 @@ __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
     "EigenResult",
+    "ErrorBoundary",
+    "MeasurementPlan",
+    "ModuleState",
+    "MonitorOptions",
     "GGNOperator",
     "SpectralDensity",
     "HVPUnsupportedError",
@@ -54,6 +61,7 @@ __all__ = [
     "deflated_hutchinson_trace",
     "hutchinson_trace",
     "hutchpp_trace",
+    "isolated",
     "lanczos",
     "module_loss_fn",
     "power_iteration",
