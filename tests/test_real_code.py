@@ -301,6 +301,17 @@ def test_non_reentrant_checkpointing_gives_the_unchecked_models_values(mode, dty
         assert outs[0][key] == pytest.approx(outs[1][key], rel=1e-5 if dtype == "float32" else 1e-10), key
 
 
+def test_the_backward_replays_the_forward_context_only_when_checkpointing_recomputes():
+    from lightning_curvature import module_loss_fn
+
+    x, y = classification_data().tensors
+    for use, expected in ((True, True), (False, False)):
+        model = Checkpointed(use=use)
+        loss_fn, theta = module_loss_fn(model, lambda m: F.cross_entropy(m(x), y))
+        loss_fn(theta)
+        assert loss_fn.recomputes is expected
+
+
 def test_reentrant_checkpointing_switches_off_naming_the_fix():
     cb = monitor(every_n_train_steps=1)
     _, _, _, messages = same_run(lambda: Checkpointed(reentrant=True), cb, steps=3)

@@ -446,17 +446,14 @@ class HessianOperator:
         if not live:
             return torch.zeros_like(v)
         grad_outputs = [v[self._slices[i][0]:self._slices[i][1]].view(self.shapes[i]) for i in live]
-        # A reverse pass through the retained graph. Activation checkpointing recomputes forward pieces inside it, so
-        # it runs in the graph's own context (the loss function's replay: the same substituted tensors, flags and RNG
-        # state; autocast off, math attention).
-        with _second_order_context(self.device):
-            hv = self._replay(lambda: torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True,
-                                                          allow_unused=True))
+        # A reverse pass through the retained graph; with activation checkpointing it recomputes forward pieces, in
+        # the graph's own context (see _replay)
+        hv = self._replay(lambda: torch.autograd.grad(grads, leaves, grad_outputs=grad_outputs, retain_graph=True,
+                                                      allow_unused=True))
         return self.flatten(list(hv))
 
     def _replay(self, fn: Callable[[], Any]) -> Any:
-        replay = getattr(self.loss_fn, "replay", None)
-        return fn() if replay is None else replay(fn)
+        return _replaying(self.loss_fn, fn, self.device)
 
     def _matvec_fwd_rev(self, v: Tensor) -> Tensor:
         tangents = self.unflatten(v)
@@ -498,6 +495,20 @@ class HessianOperator:
             dtype=dtype, mode=mode,
         )
         return cls(loss_fn, theta, backend=backend, dtype=dtype, block_size=block_size)
+
+
+def _replaying(source: Any, fn: Callable[[], Any], device: torch.device) -> Any:
+    """Run the backward pass ``fn`` in the context its forward ran in, when that forward will be recomputed.
+
+    Non-reentrant activation checkpointing recomputes forward pieces inside a backward pass, which would otherwise run
+    on the module's own parameters, with its own flags, RNG state and kernels (different values, or a
+    ``CheckpointError``). A :class:`ModuleLoss` knows whether its last call checkpointed (``recomputes``) and can
+    re-enter that call's context (``replay``); everything else runs ``fn`` as it is.
+    """
+    if not getattr(source, "recomputes", False):
+        return fn()
+    with _second_order_context(device):
+        return source.replay(fn)
 
 
 def _nondifferentiable_nodes(tensors: list[Tensor]) -> str:
@@ -623,6 +634,32 @@ def _eager() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _watch_checkpoints(owner: Any) -> Iterator[None]:
+    """Set ``owner.recomputes`` when non-reentrant checkpointing runs inside the body.
+
+    Where the torch version offers no hook to tell, it is always set.
+    """
+    import torch.utils.checkpoint as ckpt
+
+    original = getattr(ckpt, "_checkpoint_without_reentrant_generator", None)
+    if original is None:
+        owner.recomputes = True
+        yield
+        return
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        owner.recomputes = True
+        return original(*args, **kwargs)
+
+    owner.recomputes = False
+    ckpt._checkpoint_without_reentrant_generator = watched
+    try:
+        yield
+    finally:
+        ckpt._checkpoint_without_reentrant_generator = original
+
+
 class ModuleLoss:
     """``closure(module)`` as a pure function ``θ ↦ loss`` of a parameter dict, for :class:`HessianOperator`.
 
@@ -638,7 +675,9 @@ class ModuleLoss:
 
     :meth:`replay` re-enters the context of the last call (the same tensors, flags and RNG state): autograd needs it
     when it recomputes a forward during backward (non-reentrant activation checkpointing), which would otherwise run
-    on the module's own parameters, outside all of the above.
+    on the module's own parameters, outside all of the above. :attr:`recomputes` says whether the last call
+    checkpointed anything (re-entering costs about as much as a forward's Python overhead, so it is skipped when
+    there is nothing to recompute).
 
     Args:
         module: the model; not modified.
@@ -681,6 +720,8 @@ class ModuleLoss:
         self._seed = seed
         self._python_state = ModuleState(module)
         self._last: dict[str, Tensor] | None = None
+        #: whether the last call ran non-reentrant activation checkpointing (its backward recomputes forward pieces)
+        self.recomputes = False
 
     def _private(self, t: Tensor) -> Tensor:
         if self.dtype is not None and t.is_floating_point():
@@ -691,7 +732,8 @@ class ModuleLoss:
         state = {k: self._private(t) for k, t in self._others.items()}
         state.update({"inner." + k: v for k, v in theta.items()})
         self._last = state
-        return self._run(state, lambda: self.closure(self.module))
+        with _watch_checkpoints(self):
+            return self._run(state, lambda: self.closure(self.module))
 
     def replay(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` inside the context of the last call (before the first call: as it is)."""
@@ -872,13 +914,11 @@ class GGNOperator(HessianOperator):
             hjv = torch.autograd.grad(c["gl"], c["out_d"], jv, retain_graph=True)[0]
             return torch.autograd.grad(c["out"], c["leaves"], hjv, retain_graph=True, allow_unused=True)
 
-        with _second_order_context(self.device):
-            gv = self._replay(product)
+        gv = self._replay(product)
         return self.flatten(list(gv)).detach()
 
     def _replay(self, fn: Callable[[], Any]) -> Any:
-        replay = getattr(self.output_fn, "replay", None)
-        return fn() if replay is None else replay(fn)
+        return _replaying(self.output_fn, fn, self.device)
 
     def __repr__(self) -> str:
         return f"GGNOperator(P={self.shape[0]}, dtype={self.dtype})"
