@@ -56,7 +56,16 @@ def test_adam_preconditioned_sharpness_against_dense(opt_cls, wd):
     dense = torch.diag(d) @ (H + coupled * torch.eye(H.shape[0], dtype=torch.float64)) @ torch.diag(d)
     expected = float(torch.linalg.eigvalsh(dense)[-1])
     model.train()
-    out = monitor(metrics=["eigenvalues", "preconditioned"]).estimate(model, [((x, y), 0)], optimizer=opt)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    out = monitor(metrics=["eigenvalues", "preconditioned"]).estimate(Module(), [((x, y), 0)], optimizer=opt)
     assert out["preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-6)
     assert out["stability_threshold"] == pytest.approx((2 + 2 * 0.9) / (0.01 * 0.1))
     assert out["eos_ratio"] == pytest.approx(expected / out["stability_threshold"], rel=1e-6)
@@ -157,3 +166,42 @@ def test_bad_requests_raise_at_setup(tmp_path):
     with pytest.raises(ValueError, match="neither `modules` nor `module_depth`"):
         CurvatureMonitor(metrics=["layers"])
     pl.seed_everything(0, verbose=False)
+
+
+def test_adam_preconditioned_sharpness_ignores_coordinates_adam_has_never_moved():
+    """Rows 5..9 of an embedding never appear (exp_avg_sq = 0) and the second layer is held by no optimizer (no
+    state): Adam's next step moves neither, so both are excluded (P^{-1/2} = 0) and the preconditioned sharpness is
+    that of the other coordinates. The rule this replaces (P = 1 without state) lets the second layer's curvature in."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(0))  # tokens 0..4 only
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([*model[0].parameters(), *model[5].parameters()], lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert (opt.state[model[0].weight]["exp_avg_sq"][5:] == 0).all()
+    d = adam_preconditioner(opt, list(model.parameters()))
+    excluded = torch.zeros_like(d, dtype=torch.bool)
+    excluded[15:30] = True  # unseen rows
+    excluded[30:58] = True  # model[3], in no optimizer
+    assert (d[excluded] == 0).all() and (d[~excluded] > 0).all()
+    op = HessianOperator(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y),
+                         dict(model.named_parameters()))
+    H = op.matmat(torch.eye(op.shape[0], dtype=torch.float64))
+    expected = float(torch.linalg.eigvalsh((d[:, None] * H * d[None, :])[~excluded][:, ~excluded])[-1])
+    old = torch.where(excluded & (torch.arange(len(d)) >= 30), torch.ones_like(d), d)  # P = 1 without state
+    assert float(torch.linalg.eigvalsh(old[:, None] * H * old[None, :])[-1]) != pytest.approx(expected, rel=1e-3)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    out = monitor(metrics=["eigenvalues", "preconditioned"]).estimate(Module(), [((x, y), 0)], optimizer=opt)
+    assert out["preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-6)

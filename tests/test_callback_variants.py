@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from test_callback import Net, fit, make_data, read_csv, rows_with
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_curvature import CurvatureMonitor
+from lightning_curvature import CurvatureMonitor, HessianOperator
 
 
 def _same_weights(a, b):
@@ -173,3 +173,27 @@ def test_iterable_dataset_with_dict_batches_and_non_tensor_fields(tmp_path, data
     assert cb._num_estimates == 3 and math.isfinite(cb.last_metrics["trace"])
     if data == "fixed":
         assert len(cb._fixed_batches) == 2 and cb._fixed_batches[0][0]["id"][0] == "example-0"
+
+
+@pytest.mark.parametrize("accumulation,samples", [("step", 16), ("first", 8)])
+def test_accumulation_measures_the_whole_steps_objective(tmp_path, accumulation, samples):
+    """lr=0, micro-batches of 8, two per step: "step" is the Hessian of the mean of both micro-batch losses (here the
+    loss on the first 16 examples), "first" that of the first micro-batch."""
+    model = Net(lr=0.0, optimizer="sgd", batchnorm=False, dropout=0.0).double()
+    x, y = make_data().tensors
+    x = x.double()
+    cb = CurvatureMonitor(every_n_train_steps=2, top_k=2, tol=1e-9, max_iter=200, dtype="float64",
+                          accumulation=accumulation, metrics=["eigenvalues"])
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
+                         accumulate_grad_batches=2)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False))
+    assert cb._num_estimates == 2 and cb._last_step == 2  # steps 0 and 2
+    model.eval()
+    xs, ys = x[2 * 16:2 * 16 + samples], y[2 * 16:2 * 16 + samples]  # step 2 = micro-batches 4 and 5
+    op = HessianOperator(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (xs,)), ys),
+                         dict(model.named_parameters()))
+    expected = torch.linalg.eigvalsh(op.matmat(torch.eye(op.shape[0], dtype=torch.float64))).flip(0)
+    assert cb.last_metrics["eig_1"] == pytest.approx(float(expected[0]), rel=1e-7)
+    assert cb.last_metrics["eig_2"] == pytest.approx(float(expected[1]), rel=1e-7)
+    assert cb.last_metrics["loss"] == pytest.approx(op.loss, rel=1e-10)

@@ -538,3 +538,18 @@ def test_a_process_that_fails_sends_nan_so_collectives_never_hang(tmp_path):
         assert "broken" in str(op.local_error)
     finally:
         dist.destroy_process_group()
+
+
+class UpcastsInside(MLP):
+    """Hugging Face models compute the loss on ``logits.float()``: a float64 request is silently float32 there."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).float(), y)
+
+
+def test_float64_products_of_a_loss_computed_in_float32_warn_once():
+    cb = monitor(every_n_train_steps=1, dtype="float64")
+    _, _, _, messages = same_run(UpcastsInside, cb, steps=3)
+    assert len(messages) == 1 and "dtype='float64' was asked, but the loss comes back in torch.float32" in messages[0]
+    assert cb._num_estimates == 3

@@ -104,15 +104,19 @@ def _batch_size(batch: Any) -> int:
             return 1
 
 
-def loss_closure(pl_module: pl.LightningModule, batches: list[tuple[Any, int]], dtype: torch.dtype) -> Any:
+def loss_closure(
+    pl_module: pl.LightningModule, batches: list[tuple[Any, int]], dtype: torch.dtype,
+    weights: list[float] | None = None,
+) -> Any:
     """``closure(module) -> loss`` on private copies of the batches.
 
     The module's ``curvature_loss(batch)`` if it has one, else ``training_step`` called as Lightning calls it (the
     batch index passed whenever the method takes a second positional argument or ``*args``); several batches are
-    weighted by size.
+    weighted by ``weights`` (default: by batch size, summing to one).
     """
     hook = getattr(pl_module, LOSS_HOOK, None)
-    _, weights = batch_weights(batches)
+    if weights is None:
+        _, weights = batch_weights(batches)
     takes_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
 
     def closure(module: pl.LightningModule) -> Tensor:
@@ -124,7 +128,7 @@ def loss_closure(pl_module: pl.LightningModule, batches: list[tuple[Any, int]], 
             else:
                 value = module.training_step(batch, idx) if takes_idx else module.training_step(batch)
             value = extract_loss(value)
-            term = value if len(batches) == 1 else w * value
+            term = value if len(batches) == 1 and w == 1.0 else w * value
             loss = term if loss is None else loss + term
         assert loss is not None
         return loss
@@ -138,16 +142,16 @@ def _mse(output: Tensor, target: Tensor) -> Tensor:
 
 def build_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
-    options: MonitorOptions, seed: int,
+    options: MonitorOptions, seed: int, weights: list[float] | None = None,
 ) -> Any:
     """This process's curvature operator (Hessian or GGN) of the training loss on ``batches``.
 
     Under DDP it is all-reduced, and a failure to build it on one process reaches every process as a non-finite value
-    (never as a hang in a collective).
+    (never as a hang in a collective). ``weights``: of each batch's loss (default: by batch size, summing to one).
     """
     dtype = options.torch_dtype
     try:
-        op = _local_operator(pl_module, batches, params, options, dtype, seed)
+        op = _local_operator(pl_module, batches, params, options, dtype, seed, weights)
     except Exception as err:
         if world_size() == 1:
             raise
@@ -159,11 +163,11 @@ def build_operator(
 
 def _local_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
-    options: MonitorOptions, dtype: torch.dtype, seed: int,
+    options: MonitorOptions, dtype: torch.dtype, seed: int, weights: list[float] | None,
 ) -> HessianOperator:
     mode = options.mode
     if options.curvature == "hessian":
-        closure = loss_closure(pl_module, batches, dtype)
+        closure = loss_closure(pl_module, batches, dtype, weights)
         loss_fn, theta = module_loss_fn(pl_module, closure, params=params, dtype=dtype, mode=mode,  # type: ignore
                                         seed=seed)
         return HessianOperator(loss_fn, theta, backend=options.backend, dtype=dtype)  # type: ignore[arg-type]
@@ -171,7 +175,8 @@ def _local_operator(
     hook = getattr(pl_module, OUTPUTS_HOOK)
     with torch.no_grad():
         targets = [private_copy(hook(private_copy(b, dtype))[1], dtype) for b, _ in batches]
-    sizes, weights = batch_weights(batches)
+    sizes, size_weights = batch_weights(batches)
+    weights = size_weights if weights is None else weights
 
     def outputs(module: pl.LightningModule) -> Tensor:
         return torch.cat([hook(private_copy(b, dtype))[0].reshape(n, -1) for (b, _), n in zip(batches, sizes)])

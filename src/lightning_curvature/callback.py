@@ -74,8 +74,9 @@ class CurvatureMonitor(Callback):
     ``data="fixed"`` asking for more batches than the loader has).
 
     **When.** At the start of every training batch whose ``trainer.global_step`` (optimizer steps taken so far) is a
-    multiple of ``every_n_train_steps``, once per optimizer step (gradient accumulation does not repeat it: the
-    Hessian is that of the step's first micro-batch), never during sanity checking or validation. Step 0 (the initial
+    multiple of ``every_n_train_steps``, once per optimizer step, never during sanity checking or validation. With
+    gradient accumulation the estimate measures the whole step's objective at its last micro-batch (see
+    ``accumulation``). Step 0 (the initial
     weights) is measured. Values go to every attached logger at the step the loss of that batch is logged at, and
     into ``trainer.callback_metrics`` (so ``ModelCheckpoint``/``EarlyStopping`` can monitor them).
 
@@ -106,6 +107,7 @@ class CurvatureMonitor(Callback):
         tol: float = 1e-3,
         data: str = "current",
         num_batches: int = 1,
+        accumulation: str = "step",
         mode: str = "eval",
         backend: str = "auto",
         dtype: str = "float32",
@@ -128,6 +130,8 @@ class CurvatureMonitor(Callback):
         self.plan = MeasurementPlan(self.options, warn=_warn)
         self.boundary = ErrorBoundary("CurvatureMonitor", recurring=(HVPUnsupportedError,), warn=_warn)
         self._last_step = -1
+        self._seen_step = -1
+        self._micro_step, self._micro = -1, []  # micro-batches of the step being collected (accumulation="step")
         self._num_estimates = 0
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
@@ -242,24 +246,42 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if self.boundary.disabled or trainer.sanity_checking:
             return
-        step, n = trainer.global_step, self.options.every_n_train_steps
+        o = self.options
+        step, n = trainer.global_step, o.every_n_train_steps
         due = step % n == 0 and step != self._last_step
+        whole_step = o.accumulation == "step" and o.data == "current" and trainer.accumulate_grad_batches > 1
+        if whole_step:  # collect the step's micro-batches; measure at the last one, before the optimizer moves
+            if step != self._micro_step:
+                self._micro_step, self._micro = step, []
+            if due:
+                self._micro.append((batch, batch_idx))
+            if not _last_micro_batch(trainer, batch_idx):
+                return
+        elif step == self._seen_step:  # later micro-batches of a step: nothing new to do
+            return
+        self._seen_step = step
         previous = None
         if due and self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
             previous = self._update_snapshot[1]
-        if "grad_curvature" in self.options.metrics and (step + 1) % n == 0:
-            if self._update_snapshot is None or self._update_snapshot[0] != step:  # the weights before this step
-                self.boundary.run(lambda: self._remember_weights(trainer, pl_module, step), rearm=False)
+        if "grad_curvature" in o.metrics and (step + 1) % n == 0:  # the weights before this step, for the next
+            self.boundary.run(lambda: self._remember_weights(trainer, pl_module, step), rearm=False)
         elif due:
             self._update_snapshot = None
         if not due:
             return
         self._last_step = step
-        batches = self._fixed_batches if self.options.data == "fixed" else [(batch, batch_idx)]
+        weights = None
+        if o.data == "fixed":
+            batches = self._fixed_batches
+        elif whole_step:
+            batches, self._micro = self._micro, []
+            weights = [1.0 / trainer.accumulate_grad_batches] * len(batches)  # as Lightning scales each loss
+        else:
+            batches = [(batch, batch_idx)]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
+        params = differentiated_parameters(pl_module, trainer.optimizers, o.parameters)
         values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous,  # type: ignore
-                               params=params)
+                               params=params, weights=weights)
         if world_size() > 1 and any_rank(self.boundary.disabled, pl_module.device):
             self.boundary.disabled = True  # every process switches off together, or the collectives would hang
         if values:
@@ -278,6 +300,7 @@ class CurvatureMonitor(Callback):
         optimizer: torch.optim.Optimizer | None = None,
         previous_params: dict[str, Tensor] | None = None,
         params: dict[str, Tensor] | None = None,
+        weights: list[float] | None = None,
     ) -> dict[str, float]:
         """Measure the curvature of ``pl_module``'s training loss on ``batches`` (``(batch, batch_idx)`` pairs).
 
@@ -291,6 +314,7 @@ class CurvatureMonitor(Callback):
             previous_params: the differentiated parameters one optimizer step earlier, by name, for
                 ``update_curvature``.
             params: the parameters to differentiate, by name (default: all with ``requires_grad``).
+            weights: of each batch's loss (default: by batch size, summing to one).
 
         Returns:
             The metrics (keys without prefix), or ``{}`` when the estimate was skipped.
@@ -303,7 +327,8 @@ class CurvatureMonitor(Callback):
             if not params:
                 raise ValueError("no parameter with requires_grad=True is in the optimizer's parameter groups")
             with isolated(pl_module):
-                op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates)
+                op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
+                                    weights=weights)
                 try:
                     out = self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params)
                 except NonFiniteError:
@@ -351,6 +376,14 @@ class CurvatureMonitor(Callback):
                 log_histogram(logger, prefix + "eigenvalues", torch.tensor(eigs), step)
             if "density_mean" in values and density is not None:
                 log_density(logger, prefix + "density", density.grid, density.density, step)
+
+
+def _last_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the optimizer steps after this batch (the last micro-batch of an accumulated step)."""
+    try:
+        return not trainer.fit_loop.epoch_loop._should_accumulate()
+    except AttributeError:  # pragma: no cover - Lightning without the private helper
+        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
 
 CurvatureMonitor.__doc__ = (CurvatureMonitor.__doc__ or "").replace("<KEYS>", metric_keys_doc()).replace(

@@ -232,6 +232,8 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
         self._loss_value: float | None = None
+        #: the dtype the loss came back in (a model may compute it in another dtype than the products ask for)
+        self.loss_dtype: torch.dtype | None = None
         self._gradient: Tensor | None = None
         self._detached: list[str] = []
         self._blocked = ""
@@ -285,6 +287,7 @@ class HessianOperator:
                     self._unsupported(f"forward-over-reverse: {type(err).__name__}: {err}")
                 self._check_loss(loss)
                 self._loss_value = float(loss.detach())
+                self.loss_dtype = loss.dtype
                 self._gradient = self.flatten(grads).detach()
         assert self._gradient is not None
         return self._gradient
@@ -409,6 +412,7 @@ class HessianOperator:
                 grads = self._replay(lambda: torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                                                  allow_unused=True))
             self._loss_value = float(loss.detach())
+            self.loss_dtype = loss.dtype
             self._gradient = self.flatten(list(grads)).detach()
             # Differentiate only the gradient blocks that depend on θ. Unused parameters (None) have zero rows. A
             # used parameter whose gradient has no graph is either constant in θ or came out of a backward that is

@@ -32,6 +32,7 @@ __all__ = [
     "GGN_LOSSES",
     "LAYER_METRICS",
     "METRICS",
+    "ACCUMULATION",
     "MODES",
     "PARAMETERS",
     "TRACE_ESTIMATORS",
@@ -50,6 +51,7 @@ EIGEN_SOLVERS: tuple[str, ...] = ("lanczos", "power")
 TRACE_ESTIMATORS: tuple[str, ...] = ("auto", "hutchinson", "hutchpp", "deflated")
 DATA: tuple[str, ...] = ("current", "fixed")
 MODES: tuple[str, ...] = ("eval", "train")
+ACCUMULATION: tuple[str, ...] = ("step", "first")
 PARAMETERS: tuple[str, ...] = ("optimizer", "trainable")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
@@ -174,6 +176,12 @@ class MonitorOptions:
     num_batches: int = _opt(
         1, "with ``data=\"fixed\"``: how many batches; the Hessian is their batch-size weighted average.", _int(1),
         price="every product runs over all of them.")
+    accumulation: str = _opt(
+        "step", "with gradient accumulation and ``data=\"current\"``: ``\"step\"`` measures the Hessian of the "
+        "whole optimizer step's objective, all its micro-batches weighted as Lightning weights their losses "
+        "(each ``1/accumulate_grad_batches``), estimated at the step's last micro-batch (the weights have not moved "
+        "yet); ``\"first\"``: the step's first micro-batch only.", _choice(ACCUMULATION),
+        price="``\"step\"``: every product runs over all ``accumulate_grad_batches`` micro-batches.")
     mode: str = _opt(
         "eval", "``\"eval\"`` (dropout off, BatchNorm running statistics) or ``\"train\"`` (batch statistics, not "
         "updated; dropout masks fixed within an estimate).", _choice(MODES))

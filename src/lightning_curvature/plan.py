@@ -60,7 +60,8 @@ METRIC_KEYS: tuple[tuple[str, str, str], ...] = (
     ("eos_ratio", "``eos``", "SGD: ``(λ_max + wd)/threshold`` (coupled weight decay wd); Adam: "
      "``preconditioned_lambda_max/threshold`` (from Adam's first step)"),
     ("preconditioned_lambda_max", "``eos`` or ``preconditioned``, Adam/AdamW",
-     "top eigenvalue of ``P^{-1/2} (H + wd·I) P^{-1/2}``, ``P = (1 − β₁ᵗ)(diag(√v̂) + ε)``"),
+     "top eigenvalue of ``P^{-1/2} (H + wd·I) P^{-1/2}``, ``P = (1 − β₁ᵗ)(diag(√v̂) + ε)``; coordinates Adam has "
+     "never moved (``v = 0``, or no optimizer state) are left out"),
     ("grad_curvature", "``grad_curvature``", "``gᵀHg/‖g‖²`` along the batch gradient"),
     ("update_curvature", "``grad_curvature``", "``uᵀHu/‖u‖²`` along the last update ``u = θ_t − θ_{t−1}`` (from "
      "the second estimate on)"),
@@ -251,6 +252,11 @@ class MeasurementPlan:
             self.vectors = {}
             self.layout = layout
         out: dict[str, float] = {"loss": op.loss}
+        loss_dtype = getattr(op, "loss_dtype", None)
+        if op.dtype == torch.float64 and loss_dtype not in (None, torch.float64):
+            self._note("dtype", f"CurvatureMonitor: dtype='float64' was asked, but the loss comes back in {loss_dtype} "
+                       "(the model casts inside, e.g. Hugging Face's logits.float()): the products are only as "
+                       f"accurate as {loss_dtype}.")
         top = None
         if "eigenvalues" in o.metrics:
             top = self._eigs(op, "top", o.top_k, "LA")
@@ -348,9 +354,7 @@ class MeasurementPlan:
         try:
             info = stability_info(optimizer)
         except UnsupportedOptimizer as err:
-            if "optimizer" not in self._warned:
-                self._warned.add("optimizer")
-                self.warn(f"CurvatureMonitor: eos_ratio is skipped: {err}.")
+            self._note("optimizer", f"CurvatureMonitor: eos_ratio is skipped: {err}.")
             return {}
         out = {"stability_threshold": info.threshold}
         if info.kind == "sgd":
@@ -371,6 +375,12 @@ class MeasurementPlan:
         out["preconditioned_lambda_max"] = value
         out["eos_ratio"] = value / info.threshold
         return out
+
+    def _note(self, key: str, message: str) -> None:
+        """Warn once per kind of note."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
 
     def _layers(self, op: Any, top: EigenResult | None) -> dict[str, float]:
         """Per-module diagonal blocks: trace, top eigenvalue, and the top eigenvector's mass in each block."""
