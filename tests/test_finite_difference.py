@@ -67,8 +67,9 @@ def _closure(problem: Problem, x: Tensor, y: Tensor):
 # ---------------------------------------------------------------------------------------------------- accuracy
 @pytest.mark.parametrize("problem", FD_PROBLEMS, ids=FD_PROBLEM_IDS)
 def test_float32_products_match_exact_float64_products(problem):
-    # measured max relative error over these 10 probes: mlp 2.4e-5, gelu_transformer 5.2e-5, lstm 4.5e-5,
-    # attention 3.6e-5, relu_cnn 1.5e-3, cnn_bn_eval 1.5e-3 (the last two after the kink check shrank ε)
+    # measured max relative error over these 10 probes (benchmarks/first_order.py --only accuracy): mlp 3.1e-5,
+    # gelu_transformer 3.3e-5, lstm 4.3e-5, attention 2.2e-5, relu_cnn 1.9e-3, cnn_bn_eval 4.4e-4 (the last two after
+    # the kink check shrank ε; without it 21 and 6)
     model, x, y, H = _float32_case(problem.name)
     op = FiniteDifferenceOperator(model, _closure(problem, x, y))
     assert op.dtype == torch.float32 and op.shape == H.shape and op.backend == "finite-difference"
@@ -90,7 +91,7 @@ def test_float64_models_are_accurate_to_u_to_the_two_thirds(problem):
     op = FiniteDifferenceOperator(problem.model, _closure(problem, problem.inputs, problem.targets))
     assert op.dtype == torch.float64 and op.eps == pytest.approx(torch.finfo(torch.float64).eps ** (1 / 3))
     V = _probes(op.shape[0], torch.float64)
-    assert _relative_errors(op.matmat(V), H @ V).max() <= 1e-8
+    assert _relative_errors(op.matmat(V), H @ V).max() <= 1e-9  # measured ≤ 8e-11
 
 
 def test_float32_module_in_float64_is_cast_for_the_products_only():
@@ -279,23 +280,30 @@ def test_step_size_rule():
     op = FiniteDifferenceOperator(model, _closure(problem, x, y))
     eta = torch.finfo(torch.float32).eps ** (1 / 3)
     assert op.eps == pytest.approx(eta) and default_relative_step(torch.float32) == op.eps
-    theta = op.flatten(op.params).double()
-    # v = θ on the blocks above the model's typical entry (where s_b = ‖θ_b‖): ε(3v) = η ‖v‖ / ‖3v‖ = η / 3
-    big = [i for i, p in enumerate(op.params.values()) if p.double().pow(2).mean().sqrt() >= theta.pow(2).mean().sqrt()]
-    v = torch.cat([t.reshape(-1) if i in big else torch.zeros(t.numel())
-                   for i, t in enumerate(op.params.values())]).double()
-    assert op.step_size(3 * v) == pytest.approx(eta / 3)
-    # v inside one tensor: ε = η max(‖θ_b‖, √n_b rms(θ)) / ‖v_b‖
-    start = sum(op.numels[:2])
-    w = torch.zeros(op.shape[0], dtype=torch.float64)
-    w[start:start + op.numels[2]] = 1.0
-    block = op.params[op.names[2]].double()
-    expected = eta * max(float(block.norm()), math.sqrt(block.numel()) * float(theta.pow(2).mean().sqrt()))
-    assert op.step_size(w) == pytest.approx(expected / float(w.norm()))
+    blocks = [p.double() for p in op.params.values()]
+    rms = [float(b.pow(2).mean().sqrt()) for b in blocks]
+    # τ, the typical entry: the median entry's block rms (zero blocks, here the LayerNorm biases, left out)
+    entries = torch.cat([torch.full((b.numel(),), r) for b, r in zip(blocks, rms) if r > 0]).sort().values
+    tau = float(entries[math.ceil(entries.numel() / 2) - 1])
+    assert min(rms) == 0.0 < tau < max(rms)
+    # v = θ: the tensors at or above τ move by exactly η of their norm, the others by less
+    theta = op.flatten(op.params)
+    assert op.step_size(theta) == pytest.approx(eta) and op.step_size(3 * theta) == pytest.approx(eta / 3)
+    # v inside one tensor: ε = η max(‖θ_b‖, √n_b τ) / ‖v_b‖, for a zero tensor too
+    for i in (rms.index(0.0), rms.index(max(rms))):
+        start = sum(op.numels[:i])
+        w = torch.zeros(op.shape[0])
+        w[start:start + op.numels[i]] = 2.0
+        expected = eta * max(float(blocks[i].norm()), math.sqrt(op.numels[i]) * tau) / float(w.norm())
+        assert op.step_size(w) == pytest.approx(expected)
+    # a random probe: set by the tensor it moves most relative to its scale
+    z = _probes(op.shape[0])[:, 0]
+    ratios = [max(float(b.norm()), math.sqrt(b.numel()) * tau) / float(part.norm())
+              for b, part in zip(blocks, torch.split(z.double(), op.numels))]
+    assert op.step_size(z) == pytest.approx(eta * min(ratios))
     assert op.step_size(torch.zeros(op.shape[0])) == 0.0
     assert torch.count_nonzero(op.matvec(torch.zeros(op.shape[0]))) == 0 and op.num_gradients == 0
     # exactly homogeneous: the perturbation εv does not depend on the scale of v
-    z = _probes(op.shape[0])[:, 0]
     torch.testing.assert_close(op.matvec(-4 * z), -4 * op.matvec(z), rtol=1e-6, atol=0)
 
 
