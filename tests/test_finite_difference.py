@@ -2,8 +2,11 @@
 
 import copy
 import functools
+import json
 import math
+import os
 import random
+import socket
 import subprocess
 import sys
 import warnings
@@ -383,6 +386,30 @@ def test_compiled_module_runs_its_compiled_graphs_without_recompiling():
         FiniteDifferenceOperator(cmodel, closure, mode="eval").matvec(V[:, 0])
     assert len(compiled_graphs) <= 2 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------- sharded
+@pytest.mark.slow
+def test_fsdp2_sharded_parameters_two_processes(tmp_path):
+    # autograd.grad cannot differentiate with respect to FSDP2's sharded DTensor parameters; loss.backward() can
+    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_fd_run.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.json"
+    procs = [subprocess.Popen([sys.executable, script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                                              "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
+                                              "OMP_NUM_THREADS": "1"})
+             for rank in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.read_text())
+    V, HV, H = (torch.tensor(result[k], dtype=torch.float64) for k in ("probes", "products", "reference"))
+    assert _relative_errors(HV, H @ V).max() <= 1e-8  # float64 model
+    assert result["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
+    assert all(all(c.values()) for c in result["checks"]), result["checks"]
 
 
 # ---------------------------------------------------------------------------------------------------- interface

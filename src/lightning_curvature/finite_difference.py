@@ -61,8 +61,13 @@ def _asymmetry(g_plus: Tensor, g_minus: Tensor, g0: Tensor) -> float:
 
 
 def _local(t: Tensor) -> Tensor:
-    """This process's shard of a DTensor (FSDP2 ``fully_shard``), or the tensor itself."""
+    """This process's shard of a DTensor (FSDP2 ``fully_shard``; a view of the parameter's storage), or ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole of a DTensor, gathered from every process (a collective), or ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class FiniteDifferenceOperator:
@@ -151,9 +156,11 @@ class FiniteDifferenceOperator:
     never written and is put back); ``closure`` must then cast its inputs (the callback's does). This recompiles a
     compiled module and is refused for sharded (DTensor) parameters: keep the model's dtype there.
 
-    **Sharded parameters** (DTensor, e.g. FSDP2 ``fully_shard``): vectors are the concatenation of this process's
-    local shards, and each process gets its shard of the product of the Hessian of the loss that the strategy's
-    backward differentiates. Estimators then need inner products summed over processes (not provided here).
+    **Sharded parameters** (DTensor, e.g. FSDP2 ``fully_shard``): vectors are whole (length ``P`` of the unsharded
+    model) and identical on every process, so estimators run unchanged and take the same branches everywhere; each
+    process writes its slice of ``θ ± εv`` into its shards, the strategy's own backward fills the sharded ``.grad``
+    (the gradient of the mean loss over processes, for FSDP), and the two gradients are gathered whole. Every process
+    must build the operator and call every product together (they are collectives). ``loss`` is this process's.
 
     Args:
         module: the real model; ``closure(module)`` must run its forward, e.g. a ``LightningModule`` or a
@@ -249,8 +256,12 @@ class FiniteDifferenceOperator:
         self.device = first.device
         self.names = list(params)
         self._targets = list(params.values())
-        # θ, the unperturbed point: this process's values, in the compute dtype
-        self.params = {k: _local(p.detach()).to(self.dtype, copy=True) for k, p in params.items()}
+        # θ, the unperturbed point, whole (gathered from every process if sharded), in the compute dtype; and the
+        # values this process writes its perturbations from (its shards, or θ itself)
+        self.params = {k: _full(p.detach()).to(self.dtype, copy=True) for k, p in params.items()}
+        self._sharded = [hasattr(p, "to_local") for p in self._targets]
+        self._base = [_local(p.detach()).to(self.dtype, copy=True) if sharded else self.params[k]
+                      for (k, p), sharded in zip(params.items(), self._sharded)]
         self.shapes = [p.shape for p in self.params.values()]
         self.numels = [p.numel() for p in self.params.values()]
         P = sum(self.numels)
@@ -284,7 +295,7 @@ class FiniteDifferenceOperator:
             if t is None:
                 parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
                 continue
-            t = _local(t)
+            t = _full(t)
             if t.layout != torch.strided:  # nn.Embedding(sparse=True) and friends
                 t = t.to_dense()
             parts.append(t.reshape(-1).to(self.dtype))
@@ -410,7 +421,7 @@ class FiniteDifferenceOperator:
                 else:
                     # bit-exact copy of whatever the targets hold now (skipped where it is θ, the usual case)
                     saved = [None if torch.equal(_local(p), base) else _local(p).clone()
-                             for p, base in zip(self._targets, self.params.values())]
+                             for p, base in zip(self._targets, self._base)]
             self._buffers = [(b, b.detach().clone()) for b in buffers]
             module.train(self.mode == "train")
             with contextlib.ExitStack() as stack:
@@ -426,7 +437,7 @@ class FiniteDifferenceOperator:
                     for t, original in data:
                         t.data = original
                 else:
-                    for p, base, keep in zip(self._targets, self.params.values(), saved):
+                    for p, base, keep in zip(self._targets, self._base, saved):
                         _local(p).copy_(base if keep is None else keep)
                 self._restore_buffers()
             self._buffers = []
@@ -467,9 +478,16 @@ class FiniteDifferenceOperator:
         """Flat ``∇L(θ + εv)`` by one ``loss.backward()`` on the module (inside :meth:`_session`), and the loss."""
         parts = self.unflatten(v) if v is not None else {}
         with torch.no_grad():
-            for name, p in zip(self.names, self._targets):
-                base = self.params[name]
-                _local(p).copy_(base + eps * parts[name] if name in parts else base)
+            for name, p, base, sharded in zip(self.names, self._targets, self._base, self._sharded):
+                if name not in parts:
+                    _local(p).copy_(base)
+                    continue
+                part = parts[name]
+                if sharded:  # this process's slice of the whole direction, as the parameter is sharded
+                    from torch.distributed.tensor import distribute_tensor
+
+                    part = distribute_tensor(part, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                torch.add(base, part, alpha=eps, out=_local(p))
         for p in self.module.parameters():
             p.grad = None
         self._reset_rng()
