@@ -151,10 +151,8 @@ class _Net(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3))
         self.frozen = nn.Linear(3, 3)  # trainable, but not among the operator's params
-        self.counter = 0  # Python state a forward touches
 
     def forward(self, x: Tensor) -> Tensor:
-        self.counter += 1
         return self.frozen(self.body(x))
 
 
@@ -186,6 +184,29 @@ def test_parameters_grads_buffers_flags_and_rng_are_left_exactly_as_they_were(mo
     assert [m.training for m in model.modules()] == flags
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])
+
+
+def test_everything_is_put_back_when_the_closure_raises_midway():
+    torch.manual_seed(0)
+    model = _Net().train()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = [0]
+
+    def closure(m):
+        calls[0] += 1
+        loss = F.cross_entropy(m(x), y)
+        if calls[0] == 3:  # the second gradient of the first product: parameters are at θ - εv
+            raise RuntimeError("boom")
+        return loss
+
+    op = FiniteDifferenceOperator(model, closure, mode="eval")
+    with pytest.raises(RuntimeError, match="boom"):
+        op.matvec(torch.ones(op.shape[0]))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads)) and model.training
 
 
 def test_train_mode_is_one_fixed_function_the_exact_operator_measures_too():
