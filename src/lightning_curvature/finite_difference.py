@@ -91,7 +91,7 @@ class FiniteDifferenceOperator:
 
     .. math::
         \widehat{Hv} - Hv = \frac{h^2}{6}\, \nabla^4 L[\hat v, \hat v, \hat v] \, \|v\| + O(h^4)
-        \;+\; \frac{\delta_g}{2 \varepsilon},
+        \;+\; O\Big(\frac{\delta_g}{\varepsilon}\Big),
 
     the truncation error of the gradient's central difference (third derivative of ``g = ∇L``, i.e. ``∇⁴L``; the
     one-sided difference ``(g(θ+εv) − g(θ))/ε`` would err by ``(h/2) ∇³L[v̂, v̂]``) plus the rounding error
