@@ -1,0 +1,80 @@
+"""Finite-difference products through FSDP2 (``fully_shard``) on 2 CPU processes (gloo), for test_finite_difference.
+
+Usage: RANK=r WORLD_SIZE=2 MASTER_PORT=port python fsdp_fd_run.py OUT.json   (one process per rank)
+
+Each rank holds half of a batch of 16; FSDP's backward averages the rank gradients, so the products are those of the
+Hessian of the loss on the whole batch. Rank 0 writes 4 probes, their products (whole, gathered), the reference
+Hessian of the unsharded model on the whole batch (float64, reverse-over-reverse), the top eigenvalue that
+``lanczos`` finds through the operator, and the checks every rank made.
+"""
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_curvature import lanczos
+from lightning_curvature.finite_difference import FiniteDifferenceOperator
+
+
+def run(rank: int, world: int, out: str) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    reference = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, mesh=mesh)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    F.cross_entropy(model(xs), ys).backward()  # the user's own (sharded) .grad
+    shards = [(p.to_local().clone(), p.to_local().data_ptr()) for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+
+    op = FiniteDifferenceOperator(model, lambda m: F.cross_entropy(m(xs), ys))
+    P = op.shape[0]
+    V = torch.randn(P, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    HV = op.matmat(V)
+    top = lanczos(op, k=1, tol=1e-4, generator=torch.Generator().manual_seed(0))
+    checks = {
+        "whole_vectors": P == sum(p.numel() for p in reference.parameters()),
+        "shards_restored": all(torch.equal(p.to_local(), v) and p.to_local().data_ptr() == ptr
+                               for p, (v, ptr) in zip(model.parameters(), shards)),
+        "grads_restored": all(p.grad is g for p, g in zip(model.parameters(), grads)),
+    }
+    # every rank computed the same whole matrix and eigenvalue (estimators take the same branches everywhere)
+    mine = torch.cat([HV.reshape(-1), top.eigenvalues.reshape(-1)])
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    checks["ranks_agree"] = all(torch.equal(t, mine) for t in gathered)
+    all_checks = [None] * world
+    dist.all_gather_object(all_checks, checks)
+    if rank == 0:
+        theta = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+        names = [n for n, _ in reference.named_parameters()]
+        shapes = [p.shape for p in reference.parameters()]
+
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(flat, [s.numel() for s in shapes])
+            params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+            return F.cross_entropy(torch.func.functional_call(reference, params, (x,)), y)
+
+        H = torch.autograd.functional.hessian(loss, theta)
+        with open(out, "w") as f:
+            json.dump({"probes": V.tolist(), "products": HV.tolist(), "reference": H.tolist(),
+                       "lambda_max": float(top.eigenvalues[0]), "checks": all_checks}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1])
