@@ -152,8 +152,9 @@ def test_tensorboard_server_serves_curvature_tags(example_run):
         eig = series("curvature/eig_1")
         assert sorted(eig) == [0, 10, 20] and set(eig) <= set(loss)
         layout = _get_json(f"{base}/data/plugin/custom_scalars/layout")
-        titles = {c["title"] for cat in layout["category"] for c in cat["chart"]}
-        assert "loss and sharpness" in titles
+        charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
+        assert {"loss", "sharpness and stability threshold", "Hessian trace ± standard error"} <= set(charts)
+        assert charts["Hessian trace ± standard error"]["margin"]["series"][0]["lower"] == "curvature/trace_lower"
     finally:
         proc.terminate()
         try:

@@ -311,8 +311,8 @@ def draw_landscape(ax: Any, landscape: Landscape, *, label: str | None = None, c
     """Draw ``landscape`` on the matplotlib axes ``ax``.
 
     A cut: the measured loss against ``α`` (solid, dots) and, when curvatures are known, the quadratic model
-    (dashed, same colour). A surface: filled contours of the loss over ``(α, β)``, the quadratic model's contours
-    as thin dashed lines, ``θ`` marked with a cross.
+    (dashed, same colour). A surface: filled contours of the loss over ``(α, β)`` (20 levels), the quadratic
+    model's contours at every fourth level as thin dashed white lines, ``θ`` marked with a red cross.
 
     Returns:
         The artist to hang a colour bar on (surfaces) or the loss line (cuts).
@@ -330,7 +330,7 @@ def draw_landscape(ax: Any, landscape: Landscape, *, label: str | None = None, c
     losses = landscape.losses.numpy().T  # rows: beta (y), columns: alpha (x)
     filled = ax.contourf(alphas, betas, losses, levels=20, cmap="viridis")
     if quad is not None:
-        ax.contour(alphas, betas, quad.numpy().T, levels=filled.levels, colors="white", linewidths=0.6,
+        ax.contour(alphas, betas, quad.numpy().T, levels=filled.levels[::4], colors="white", linewidths=0.7,
                    linestyles="--")
     ax.plot([0.0], [0.0], marker="x", color="red", markersize=8, linestyle="none")
     ax.set_xlabel(r"$\alpha$ (step along $v_1$)")
