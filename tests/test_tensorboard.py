@@ -47,7 +47,8 @@ CHARTS = [
 
 
 def test_layout_charts_select_the_right_tags():
-    layout = custom_scalars_layout("curvature/", 3, ["train/loss", "val/loss"])
+    metrics = ["trace", "eigenvalues", "eos", "grad_curvature", "lambda_min", "layers"]
+    layout = custom_scalars_layout("curvature/", 3, ["train/loss", "val/loss"], metrics=metrics)
     assert list(layout) == ["curvature"]
     charts = _charts(layout)
     assert list(charts) == CHARTS
@@ -88,6 +89,8 @@ def test_layout_charts_select_the_right_tags():
 
 
 def test_layout_only_the_charts_the_metrics_fill():
+    default = _charts(custom_scalars_layout("curvature/", 3, ["train/loss"]))  # CurvatureMonitor's default metrics
+    assert list(default) == [c for c in CHARTS if c != "per-module traces"]
     charts = _charts(custom_scalars_layout("curvature/", 1, ["train/loss"], metrics=["eigenvalues", "trace"]))
     assert list(charts) == ["loss", "sharpness and stability threshold", "top-1 eigenvalues",
                             "Hessian trace ± standard error"]

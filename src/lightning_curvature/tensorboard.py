@@ -7,7 +7,7 @@ Example:
     >>> layout = custom_scalars_layout("curvature/", top_k=3, loss_tags=["train/loss"])
     >>> list(layout["curvature"])  # doctest: +NORMALIZE_WHITESPACE
     ['loss', 'sharpness and stability threshold', 'eos_ratio (edge of stability at 1)', 'top-3 eigenvalues',
-     'Hessian trace ± standard error', 'per-module traces', 'curvature along the gradient and the last update']
+     'Hessian trace ± standard error', 'curvature along the gradient and the last update']
     >>> layout["curvature"]["sharpness and stability threshold"]
     ['Multiline', ['curvature/(eig_1|preconditioned_lambda_max|stability_threshold)$']]
     >>> layout["curvature"]["Hessian trace ± standard error"]
@@ -34,6 +34,9 @@ __all__ = [
 #: ``{category: {chart title: ["Multiline", [tag regex, ...]] or ["Margin", [value, lower, upper]]}}``, the format of
 #: ``SummaryWriter.add_custom_scalars``.
 Layout = dict[str, dict[str, list[Any]]]
+
+#: CurvatureMonitor's default ``metrics``: the charts :func:`custom_scalars_layout` draws when not told the metrics.
+DEFAULT_METRICS = ("trace", "eigenvalues", "eos", "grad_curvature")
 
 #: Suffixes of the TensorBoard-only scalars :func:`log_trace_band` writes next to ``{prefix}trace``.
 TRACE_BAND = ("trace_lower", "trace_upper")
@@ -73,7 +76,9 @@ def custom_scalars_layout(
         top_k: the callback's ``top_k`` (>= 1), used in the chart title.
         loss_tags: exact names of the loss scalars (e.g. ``["train/loss", "val/loss"]``).
         extra_tags: more exact tag names for the sharpness chart.
-        metrics: the callback's ``metrics``: only the charts they fill (the loss chart always); ``None``: all.
+        metrics: the callback's ``metrics``: only the charts they fill (the loss chart always). ``None``: the
+            charts of CurvatureMonitor's default metrics (:data:`DEFAULT_METRICS`), so no chart stays empty in a
+            default run; pass the callback's ``metrics`` for ``layers`` (per-module traces).
 
     Returns:
         ``{category: {chart title: [kind, tags]}}``, ready for :func:`write_layout`
@@ -85,10 +90,10 @@ def custom_scalars_layout(
         raise ValueError(f"`top_k` must be an integer >= 1, got {top_k!r}.")
     if isinstance(loss_tags, str):
         loss_tags = [loss_tags]
-    wanted = set(metrics) if metrics is not None else None
+    wanted = set(DEFAULT_METRICS if metrics is None else metrics)
 
     def has(*names: str) -> bool:
-        return wanted is None or any(n in wanted for n in names)
+        return any(n in wanted for n in names)
 
     p = re.escape(prefix)
     exact = [re.escape(t) + "$" for t in loss_tags]
