@@ -4,13 +4,13 @@
     python examples/train.py callbacks.curvature.top_k=5 model.lr=0.05
     python examples/train.py experiment=fullbatch_gd             # full-batch GD: sharpness against 2/lr
     python examples/train.py -m experiment=fullbatch_gd model.lr=0.2,0.4,0.8    # a sweep, one run per lr
-    python examples/train.py experiment=lr_search                # Optuna over the lr (pip install hydra-optuna-sweeper)
+    python examples/train.py -m hydra/sweeper=lr_search          # Optuna over the lr (pip install hydra-optuna-sweeper)
     python examples/train.py --cfg job                           # print the composed config and exit
 
 Configs live in ``configs/`` (one folder per group). Single runs write to ``outputs/<date>/<time>/``, sweeps to
-``multirun/<date>/<time>/<job number>/``. TensorBoard runs are named by :func:`run_name` (short, filesystem-safe, the
-overrides that differ between the jobs of a sweep first); the full overrides are in the run's ``hparams.yaml``, in
-TensorBoard's *Text* tab and in ``.hydra/overrides.yaml``.
+``multirun/<date>/<time>/<job number>/``. TensorBoard runs are named by :func:`run_name` (``run_name: auto`` in
+``configs/train.yaml``: short, filesystem-safe, the overrides that differ between the jobs of a sweep first); the full
+overrides are in the run's ``hparams.yaml``, in TensorBoard's *Text* tab and in ``.hydra/overrides.yaml``.
 
 ``main`` returns the final value of the ``objective`` key (default ``val/loss``), so Hydra sweepers that optimise
 (Optuna) can minimise it. Configuration errors (bad overrides, constructor arguments, and ``ValueError``/``TypeError``
@@ -125,15 +125,13 @@ def _job_overrides(hc: Any) -> list[str]:
     return [o for o in hc.overrides.task if override_key(o) not in exclude]
 
 
-def _run_name_resolver() -> str:
-    """``${run_name:}`` in configs/logger/tensorboard.yaml: :func:`run_name` of the current job."""
-    if not HydraConfig.initialized():
-        return ""
-    hc = HydraConfig.get()
-    return run_name(_job_overrides(hc), _sweep_keys(hc))
-
-
-OmegaConf.register_new_resolver("run_name", _run_name_resolver, replace=True)
+def job_run_name(cfg: DictConfig, hc: Any) -> str:
+    """The TensorBoard run name of this job: ``cfg.run_name`` sanitised, or with ``auto`` :func:`run_name`."""
+    requested = str(cfg.get("run_name", "auto") or "")
+    if requested != "auto":
+        return run_name([requested]) if requested else ""
+    overrides = [o for o in _job_overrides(hc) if override_key(o) != "run_name"]
+    return run_name(overrides, _sweep_keys(hc))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -286,6 +284,7 @@ def main(cfg: DictConfig) -> float | None:
         torch.set_num_threads(int(cfg.torch_threads))
     lightning.seed_everything(cfg.seed, workers=True)
     hc = HydraConfig.get()
+    cfg.run_name = job_run_name(cfg, hc)  # ${run_name} in configs/logger/tensorboard.yaml
     datamodule = _build("data", cfg.data)
     model = _build("model", cfg.model)
     callbacks = {key: _build(key, node) for key, node in _nodes(cfg, "callbacks").items()}

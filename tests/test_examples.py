@@ -338,10 +338,11 @@ def test_run_name_is_short_safe_and_unique(train_module):
     assert run_name(["x=" + "é" * 300]).isascii() and len(run_name(["x=" + "y" * 300])) == 80
     with pytest.raises(ValueError):
         run_name(["a=1"], max_len=3)
-    # registered for configs/logger/tensorboard.yaml, harmless outside a Hydra job
+    # run_name=<name> on the command line instead of auto: used as given, sanitised
     from omegaconf import OmegaConf
 
-    assert OmegaConf.create({"v": "${run_name:}"}).v == ""
+    assert train_module.job_run_name(OmegaConf.create({"run_name": "base line/1"}), None) == "base_line_1"
+    assert train_module.job_run_name(OmegaConf.create({"run_name": ""}), None) == ""
 
 
 def test_printed_command_is_the_one_the_users_shell_finds(train_module, monkeypatch, tmp_path):
@@ -410,7 +411,7 @@ def test_optuna_sweep_over_lr_minimises_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
     sweep_dir = tmp_path / "optuna"
     proc = _run(
-        [str(TRAIN), "experiment=lr_search", "hydra.sweeper.n_trials=2", "trainer.max_steps=11",
+        [str(TRAIN), "-m", "hydra/sweeper=lr_search", "hydra.sweeper.n_trials=2", "trainer.max_steps=11",
          "objective=curvature/lambda_max", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path,
     )
