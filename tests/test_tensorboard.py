@@ -191,6 +191,17 @@ def _quadratic_landscapes():
     return cut, surface
 
 
+def test_log_landscape_on_a_non_zero_rank_writes_nothing(tmp_path, monkeypatch):
+    from lightning.fabric.loggers.logger import _DummyExperiment
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    monkeypatch.setattr(logger, "_experiment", _DummyExperiment())
+    cut, _ = _quadratic_landscapes()
+    assert log_landscape(logger, "curvature/landscape", cut, step=0) is False
+    assert log_trace_band(logger, "curvature/", {"trace": 1.0, "trace_stderr": 0.1}, step=0) is True  # no-op calls
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
 def test_log_landscape_writes_an_image_and_the_data(tmp_path):
     pytest.importorskip("matplotlib")
     cut, surface = _quadratic_landscapes()

@@ -251,9 +251,10 @@ def log_landscape(
         ``True`` when written, ``False`` for other loggers.
     """
     writer = _writer(logger)
-    if writer is None:
+    file_writer = writer._get_file_writer() if writer is not None else None
+    if file_writer is None:  # not TensorBoard, or Lightning's no-op experiment on a non-zero rank
         return False
-    writer._get_file_writer().add_summary(landscape_summary(f"{tag}/data", landscape), global_step=step)
+    file_writer.add_summary(landscape_summary(f"{tag}/data", landscape), global_step=step)
     if image:
         import numpy as np
 
