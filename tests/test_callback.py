@@ -306,13 +306,34 @@ class NoSecondDerivativeNet(Net):
         return self.net[-1](OnceDifferentiableTanh.apply(self.net[0](x)))
 
 
-def test_op_without_second_derivatives_warns_once_and_switches_off(tmp_path):
-    cb = CurvatureMonitor(every_n_train_steps=1, num_probes=3, max_iter=5)
+@pytest.mark.parametrize("backend", ["double-backward", "forward-over-reverse"])
+def test_op_without_second_derivatives_warns_once_and_switches_off_an_exact_backend(tmp_path, backend):
+    cb = CurvatureMonitor(every_n_train_steps=1, num_probes=3, max_iter=5, backend=backend)
     with pytest.warns(RuntimeWarning, match="switched off") as record:
         trainer, _ = fit(tmp_path, [cb], model=NoSecondDerivativeNet(batchnorm=False), max_steps=5)
     assert trainer.global_step == 5
     assert sum("switched off" in str(w.message) for w in record) == 1
     assert cb.disabled and cb._num_estimates == 0
+
+
+def test_op_without_second_derivatives_falls_back_to_finite_differences_under_auto(tmp_path, caplog):
+    """The op is tanh with a once-differentiable backward: the values must be those of a plain tanh network."""
+    cb = CurvatureMonitor(every_n_train_steps=2, top_k=2, num_probes=3, max_iter=40, tol=1e-4,
+                          metrics=["eigenvalues", "grad_curvature"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, model = fit(tmp_path, [cb], model=NoSecondDerivativeNet(batchnorm=False, dropout=0.0), max_steps=5)
+    assert trainer.global_step == 5 and not cb.disabled and cb._num_estimates == 3
+    assert not [w for w in record if "CurvatureMonitor" in str(w.message)]
+    assert sum("using backend='finite-difference'" in r.getMessage() for r in caplog.records) == 1
+    plain = Net(batchnorm=False, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    x, y = make_data().tensors
+    fd = CurvatureMonitor(top_k=2, max_iter=40, tol=1e-4, backend="finite-difference", metrics=["eigenvalues"])
+    exact = CurvatureMonitor(top_k=2, max_iter=40, tol=1e-4, metrics=["eigenvalues"])
+    a = fd.estimate(model, [((x[:16], y[:16]), 0)])
+    b = exact.estimate(plain, [((x[:16], y[:16]), 0)])
+    assert a["eig_1"] == pytest.approx(b["eig_1"], rel=1e-3) and a["eig_2"] == pytest.approx(b["eig_2"], rel=1e-3)
 
 
 # ---------------------------------------------------------------- bad input

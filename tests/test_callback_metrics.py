@@ -205,3 +205,34 @@ def test_adam_preconditioned_sharpness_ignores_coordinates_adam_has_never_moved(
 
     out = monitor(metrics=["eigenvalues", "preconditioned"]).estimate(Module(), [((x, y), 0)], optimizer=opt)
     assert out["preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_landscape_along_the_top_eigenvectors(tmp_path):
+    """The cut's second difference at 0 is vᵀHv = λ₁ (a unit eigenvector); both cuts are logged for plot."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_curvature.cli import read_landscapes
+
+    model, x, y, op, H = setup_problem()
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    cb = monitor(top_k=2, metrics=["eigenvalues", "landscape", "landscape_2d"], landscape_radius=1e-2,
+                 landscape_points=3)
+    out = cb.estimate(model, [((x, y), 0)])
+    cut, surface = cb.plan.last_landscapes["landscape"], cb.plan.last_landscapes["landscape_2d"]
+    h = 1e-2
+    second = (cut.losses[0] - 2 * cut.losses[1] + cut.losses[2]) / h**2
+    assert float(cut.losses[1]) == pytest.approx(out["loss"], rel=1e-12)
+    assert float(second) == pytest.approx(float(lam[0]), rel=1e-3)
+    assert surface.losses.shape == (3, 3)
+    mixed = (surface.losses[2, 2] - surface.losses[2, 0] - surface.losses[0, 2] + surface.losses[0, 0]) / (4 * h * h)
+    assert abs(float(mixed)) < 1e-3 * float(lam[0])  # v₁ᵀHv₂ = 0 for eigenvectors
+    second_2 = (surface.losses[1, 0] - 2 * surface.losses[1, 1] + surface.losses[1, 2]) / h**2
+    assert float(second_2) == pytest.approx(float(lam[1]), rel=1e-3)
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cb = CurvatureMonitor(every_n_train_steps=3, top_k=2, num_probes=4, max_iter=20,
+                          metrics=["eigenvalues", "landscape", "landscape_2d"], landscape_points=5)
+    fit(tmp_path, [cb], loggers=[tb], max_steps=4)
+    logged = read_landscapes(tb.log_dir)
+    assert [step for step, _ in logged["curvature/landscape"]] == [0, 3]
+    assert logged["curvature/landscape_2d"][0][1].losses.shape == (5, 5)

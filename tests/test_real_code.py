@@ -312,11 +312,24 @@ def test_the_backward_replays_the_forward_context_only_when_checkpointing_recomp
         assert loss_fn.recomputes is expected
 
 
-def test_reentrant_checkpointing_switches_off_naming_the_fix():
-    cb = monitor(every_n_train_steps=1)
+def test_reentrant_checkpointing_switches_an_exact_backend_off_naming_the_fix():
+    cb = monitor(every_n_train_steps=1, backend="double-backward")
     _, _, _, messages = same_run(lambda: Checkpointed(reentrant=True), cb, steps=3)
     assert len(messages) == 1 and "switched off" in messages[0] and "use_reentrant=False" in messages[0]
     assert cb.disabled
+
+
+def test_reentrant_checkpointing_gets_first_order_products_under_auto():
+    cb = monitor(every_n_train_steps=1, top_k=2, tol=1e-4, max_iter=40, metrics=["eigenvalues", "grad_curvature"])
+    _, model, _, messages = same_run(lambda: Checkpointed(reentrant=True, dropout=0.0, batchnorm=False), cb, steps=3)
+    assert messages == [] and cb._num_estimates == 3 and cb._first_order
+    plain = Checkpointed(use=False, dropout=0.0, batchnorm=False)
+    plain.load_state_dict(model.state_dict())
+    x, y = classification_data().tensors
+    fd = monitor(top_k=2, tol=1e-4, max_iter=40, backend="finite-difference", metrics=["eigenvalues"])
+    exact = monitor(top_k=2, tol=1e-4, max_iter=40, metrics=["eigenvalues"])
+    a, b = fd.estimate(model, [((x[:16], y[:16]), 0)]), exact.estimate(plain, [((x[:16], y[:16]), 0)])
+    assert a["eig_1"] == pytest.approx(b["eig_1"], rel=1e-3) and a["eig_2"] == pytest.approx(b["eig_2"], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- parameters
@@ -447,6 +460,25 @@ def test_compiled_modules_keep_their_compiled_graph_and_get_exact_values():
     out_c = monitor(top_k=2, tol=1e-6, max_iter=40).estimate(model, [((x[:16], y[:16]), 0)])
     out_e = monitor(top_k=2, tol=1e-6, max_iter=40).estimate(eager, [((x[:16], y[:16]), 0)])
     assert out_c["eig_1"] > 0 and out_c["eig_1"] == pytest.approx(out_e["eig_1"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_finite_difference_products_run_the_compiled_graph_without_recompiling():
+    torch._dynamo.reset()
+    backend, without = _counting_backend()
+    _, reference = train(lambda: Compiled(backend), (), steps=4)
+    torch._dynamo.reset()
+    backend2, with_cb = _counting_backend()
+    # train mode: the training's own graph serves the products (eval mode would compile a second graph, once)
+    cb = monitor(top_k=1, tol=1e-3, max_iter=20, backend="finite-difference", mode="train", metrics=["eigenvalues"])
+    trainer, model = train(lambda: Compiled(backend2), (cb,), steps=4)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert cb._num_estimates == 2 and with_cb["graphs"] == without["graphs"] == 1  # no recompilation
+    # every gradient of the products ran the compiled forward and backward: 2 calls each, 2 gradients a product
+    # and one more per estimate (the kink check's gradient at θ)
+    products = cb.last_metrics["num_hvps"]
+    assert with_cb["compiled"] - without["compiled"] >= 2 * (2 * products + 1)
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from .isolation import rng_guard
+from .isolation import ModuleState, rng_guard
 from .operators import DistributedOperator, GGNOperator, HessianOperator, module_loss_fn, private_copy
 from .options import MonitorOptions
 
@@ -142,16 +142,17 @@ def _mse(output: Tensor, target: Tensor) -> Tensor:
 
 def build_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
-    options: MonitorOptions, seed: int, weights: list[float] | None = None,
+    options: MonitorOptions, seed: int, weights: list[float] | None = None, backend: str | None = None,
 ) -> Any:
     """This process's curvature operator (Hessian or GGN) of the training loss on ``batches``.
 
     Under DDP it is all-reduced, and a failure to build it on one process reaches every process as a non-finite value
     (never as a hang in a collective). ``weights``: of each batch's loss (default: by batch size, summing to one).
+    ``backend``: overrides ``options.backend``.
     """
     dtype = options.torch_dtype
     try:
-        op = _local_operator(pl_module, batches, params, options, dtype, seed, weights)
+        op = _local_operator(pl_module, batches, params, options, dtype, seed, weights, backend or options.backend)
     except Exception as err:
         if world_size() == 1:
             raise
@@ -163,14 +164,26 @@ def build_operator(
 
 def _local_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
-    options: MonitorOptions, dtype: torch.dtype, seed: int, weights: list[float] | None,
-) -> HessianOperator:
+    options: MonitorOptions, dtype: torch.dtype, seed: int, weights: list[float] | None, backend: str,
+) -> Any:
     mode = options.mode
+    if backend == "finite-difference":
+        from .finite_difference import FiniteDifferenceOperator
+
+        closure = loss_closure(pl_module, batches, dtype, weights)
+        python_state = ModuleState(pl_module)  # self.hidden & co. restored after every gradient: one fixed function
+
+        def restoring(module: pl.LightningModule) -> Tensor:
+            with python_state.restoring():
+                return closure(module)
+
+        return FiniteDifferenceOperator(pl_module, restoring, params, dtype=dtype, mode=mode,  # type: ignore
+                                        seed=seed)
     if options.curvature == "hessian":
         closure = loss_closure(pl_module, batches, dtype, weights)
         loss_fn, theta = module_loss_fn(pl_module, closure, params=params, dtype=dtype, mode=mode,  # type: ignore
                                         seed=seed)
-        return HessianOperator(loss_fn, theta, backend=options.backend, dtype=dtype)  # type: ignore[arg-type]
+        return HessianOperator(loss_fn, theta, backend=backend, dtype=dtype)  # type: ignore[arg-type]
     # GGN: outputs of all batches concatenated; the loss is their batch-size weighted mean
     hook = getattr(pl_module, OUTPUTS_HOOK)
     with torch.no_grad():

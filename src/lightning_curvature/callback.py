@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -115,6 +115,8 @@ class CurvatureMonitor(Callback):
         warm_start: bool = True,
         density_probes: int = 3,
         density_steps: int = 30,
+        landscape_radius: float | None = None,
+        landscape_points: int = 21,
         seed: int = 0,
         metrics: Sequence[str] = DEFAULT_METRICS,
         modules: Sequence[str] | None = None,
@@ -133,6 +135,7 @@ class CurvatureMonitor(Callback):
         self._seen_step = -1
         self._micro_step, self._micro = -1, []  # micro-batches of the step being collected (accumulation="step")
         self._num_estimates = 0
+        self._first_order = False  # "auto" found no exact backend: finite differences from now on
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
         self.last_metrics: dict[str, float] = {}
@@ -176,6 +179,7 @@ class CurvatureMonitor(Callback):
             "update_snapshot_step": -1 if snapshot is None else snapshot[0],
             "update_snapshot": None if snapshot is None else {k: v.cpu() for k, v in snapshot[1].items()},
             "disabled": self.boundary.disabled,
+            "first_order": self._first_order,
         }
 
     @override
@@ -190,6 +194,7 @@ class CurvatureMonitor(Callback):
         self._update_snapshot = None if not isinstance(snapshot, dict) else (
             int(state_dict["update_snapshot_step"]), snapshot)
         self.boundary.disabled = bool(state_dict.get("disabled", False))
+        self._first_order = bool(state_dict.get("first_order", False))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -282,8 +287,9 @@ class CurvatureMonitor(Callback):
         params = differentiated_parameters(pl_module, trainer.optimizers, o.parameters)
         values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous,  # type: ignore
                                params=params, weights=weights)
-        if world_size() > 1 and any_rank(self.boundary.disabled, pl_module.device):
-            self.boundary.disabled = True  # every process switches off together, or the collectives would hang
+        if world_size() > 1:  # every process decides together, or the collectives would hang
+            self.boundary.disabled = any_rank(self.boundary.disabled, pl_module.device)
+            self._first_order = any_rank(self._first_order, pl_module.device)
         if values:
             self.boundary.run(lambda: self._log(trainer, values), rearm=False)
 
@@ -323,21 +329,32 @@ class CurvatureMonitor(Callback):
         if params is None:
             params = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
 
+        def attempt(backend: str | None) -> tuple[dict[str, float], Any]:
+            op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
+                                weights=weights, backend=backend)
+            try:
+                return self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params), op
+            except NonFiniteError:
+                error = getattr(op, "local_error", None)
+                if error is not None:  # under DDP: this process failed and sent NaN; report its own error
+                    raise error from None
+                raise
+            finally:
+                op.release()
+
         def measure() -> dict[str, float]:
             if not params:
                 raise ValueError("no parameter with requires_grad=True is in the optimizer's parameter groups")
             with isolated(pl_module):
-                op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
-                                    weights=weights)
                 try:
-                    out = self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params)
-                except NonFiniteError:
-                    error = getattr(op, "local_error", None)
-                    if error is not None:  # under DDP: this process failed and sent NaN; report its own error
-                        raise error from None
-                    raise
-                finally:
-                    op.release()
+                    out, op = attempt("finite-difference" if self._first_order else None)
+                except HVPUnsupportedError as err:
+                    if self.options.backend != "auto" or self._first_order:
+                        raise
+                    self._first_order = True  # no exact backend works for this model: first-order products
+                    rank_zero_info(f"CurvatureMonitor: exact Hessian-vector products are not possible here ({err}); "
+                                   "using backend='finite-difference' (central differences of ordinary gradients).")
+                    out, op = attempt("finite-difference")
             out["num_hvps"] = float(op.num_matvecs)
             return out
 
@@ -362,20 +379,31 @@ class CurvatureMonitor(Callback):
 
     def _log_tensorboard(self, trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
         """TensorBoard extras: the custom-scalars layout (once), eigenvalue and density histograms."""
-        from .tensorboard import custom_scalars_layout, log_density, log_histogram, write_layout
+        from .tensorboard import (
+            custom_scalars_layout,
+            log_density,
+            log_histogram,
+            log_landscape,
+            log_trace_band,
+            write_layout,
+        )
 
         prefix = self.options.log_prefix
         eigs = [values[k] for k in sorted((k for k in values if k.startswith("eig_") and k[4:].isdigit()),
                                           key=lambda k: int(k[4:]))]
         loss_tags = sorted({k for k in trainer.callback_metrics if "loss" in k and not k.startswith(prefix)})
-        layout = custom_scalars_layout(prefix, self.options.top_k, loss_tags or ["train/loss", "train_loss", "loss"])
+        layout = custom_scalars_layout(prefix, self.options.top_k, loss_tags or ["train/loss", "train_loss", "loss"],
+                                       metrics=self.options.metrics)
         density = self.plan.last_density
         for logger in trainer.loggers:
             write_layout(logger, layout)
+            log_trace_band(logger, prefix, values, step)
             if eigs:
                 log_histogram(logger, prefix + "eigenvalues", torch.tensor(eigs), step)
             if "density_mean" in values and density is not None:
                 log_density(logger, prefix + "density", density.grid, density.density, step)
+            for name, landscape in self.plan.last_landscapes.items():
+                log_landscape(logger, prefix + name, landscape, step)
 
 
 def _last_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._guard import rng_guard
+from .isolation import rng_guard
 
 try:  # numpy is a torch dependency in practice, but not a hard one
     import numpy as np

@@ -283,7 +283,7 @@ class HessianOperator:
                     raise
                 except (RuntimeError, NotImplementedError, TypeError) as err:
                     if self.requested_backend != "auto":
-                        raise
+                        raise self._as_unsupported(err, "forward-over-reverse") from err
                     self._unsupported(f"forward-over-reverse: {type(err).__name__}: {err}")
                 self._check_loss(loss)
                 self._loss_value = float(loss.detach())
@@ -299,9 +299,26 @@ class HessianOperator:
         v = v.to(device=self.device, dtype=self.dtype)
         if self._auto_pending:
             return self._auto_matvec(v)
-        out = self._matvec_double_backward(v) if self.backend == "double-backward" else self._matvec_fwd_rev(v)
+        try:
+            out = self._matvec_double_backward(v) if self.backend == "double-backward" else self._matvec_fwd_rev(v)
+        except HVPUnsupportedError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            raise self._as_unsupported(err, self.backend or "auto") from err
         self.num_matvecs += 1
         return out
+
+    def _as_unsupported(self, err: BaseException, backend: str) -> BaseException:
+        """``err`` as :class:`HVPUnsupportedError` when it is the backend's (the plain forward runs), else as is."""
+        if backend == "double-backward" and self._graph is not None:
+            pass  # the forward ran when the graph was built: only the differentiation can have failed
+        else:
+            try:
+                with torch.no_grad():
+                    self.loss_fn({k: p.detach() for k, p in self.params.items()})
+            except Exception:  # noqa: BLE001 - the model fails by itself: its own error, not the backend's
+                return err
+        return HVPUnsupportedError(f"{backend}: {type(err).__name__}: {err}")
 
     def matmat(self, V: Tensor) -> Tensor:
         """Return ``H V`` for a ``(P, m)`` block: a loop of products, or vmapped blocks (see ``block_size``)."""
@@ -409,8 +426,15 @@ class HessianOperator:
                 loss = self.loss_fn(leaves)
                 self._forward_ok = True  # an exception before this is the model's own, not the backend's
                 self._check_loss(loss)
-                grads = self._replay(lambda: torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                                                 allow_unused=True))
+                try:
+                    grads = self._replay(lambda: torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                                                     allow_unused=True))
+                except HVPUnsupportedError:
+                    raise
+                except (RuntimeError, NotImplementedError, TypeError) as err:
+                    if self.requested_backend == "auto":
+                        raise
+                    raise HVPUnsupportedError(f"double-backward: {type(err).__name__}: {err}") from err
             self._loss_value = float(loss.detach())
             self.loss_dtype = loss.dtype
             self._gradient = self.flatten(list(grads)).detach()
@@ -987,6 +1011,17 @@ class DistributedOperator:
         if self._gradient is None:
             self._gradient = self._mean(self._local(self.op.gradient, (self.shape[0],)))
         return self._gradient
+
+    @property
+    def loss_fn(self) -> Callable[[dict[str, Tensor]], Tensor]:
+        """The loss of the whole (all-processes) batch as a function of the parameters: the mean of the local ones."""
+        local = self.op.loss_fn
+
+        def mean_loss(theta: dict[str, Tensor]) -> Tensor:
+            value = self._local(lambda: local(theta).detach().reshape(1).to(self.dtype), (1,))
+            return self._mean(value).reshape(())
+
+        return mean_loss
 
     def matvec(self, v: Tensor) -> Tensor:
         return self._mean(self._local(lambda: self.op.matvec(v), (self.shape[0],)))

@@ -32,6 +32,7 @@ __all__ = [
     "GGN_LOSSES",
     "LAYER_METRICS",
     "METRICS",
+    "MONITOR_BACKENDS",
     "ACCUMULATION",
     "MODES",
     "PARAMETERS",
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 METRICS: tuple[str, ...] = (
-    "trace", "eigenvalues", "lambda_min", "density", "eos", "preconditioned", "grad_curvature", "layers"
+    "trace", "eigenvalues", "lambda_min", "density", "eos", "preconditioned", "grad_curvature", "layers",
+    "landscape", "landscape_2d",
 )
 DEFAULT_METRICS: tuple[str, ...] = ("trace", "eigenvalues", "eos", "grad_curvature")
 LAYER_METRICS: tuple[str, ...] = ("trace", "lambda_max", "eig_mass")
@@ -53,6 +55,7 @@ DATA: tuple[str, ...] = ("current", "fixed")
 MODES: tuple[str, ...] = ("eval", "train")
 ACCUMULATION: tuple[str, ...] = ("step", "first")
 PARAMETERS: tuple[str, ...] = ("optimizer", "trainable")
+MONITOR_BACKENDS: tuple[str, ...] = (*BACKENDS, "finite-difference")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -186,7 +189,12 @@ class MonitorOptions:
         "eval", "``\"eval\"`` (dropout off, BatchNorm running statistics) or ``\"train\"`` (batch statistics, not "
         "updated; dropout masks fixed within an estimate).", _choice(MODES))
     backend: str = _opt(
-        "auto", f"Hessian-vector products: one of {BACKENDS} (see Backends in the README).", _choice(BACKENDS))
+        "auto", f"Hessian-vector products: one of {MONITOR_BACKENDS}. ``\"auto\"``: exact products (double "
+        "backward, else forward-over-reverse), and central differences of ordinary gradients "
+        "(``\"finite-difference\"``) only where no exact backend works (reentrant checkpointing, ops without "
+        "second derivatives), said once in a log line. See Backends in the README.", _choice(MONITOR_BACKENDS),
+        price="double backward: about 1.7 gradients a product; forward-over-reverse about 4.6; finite "
+        "differences 2 (one more per estimate).")
     dtype: str = _opt(
         "float32", "``\"float32\"`` or ``\"float64\"``: the dtype of the products (autocast is always off for "
         "them).", _choice(tuple(DTYPES)), price="float64 products cost about 2x on CPU, far more on most GPUs.")
@@ -199,6 +207,13 @@ class MonitorOptions:
         3, "probes of the spectral density (with ``\"density\"`` in ``metrics``).", _int(1),
         price="``density_steps`` products each.")
     density_steps: int = _opt(30, "Lanczos steps per density probe.", _int(2))
+    landscape_radius: float | None = _opt(
+        None, "with ``\"landscape\"``/``\"landscape_2d\"`` in ``metrics``: the loss is evaluated at ``θ + α v₁`` "
+        "(and ``+ β v₂``) for ``α, β`` in ``[-r, r]``, ``v`` the unit top eigenvectors. ``None``: "
+        "``r = √(2 L / λ₁)``, where the quadratic model has doubled the loss.", _optional(_positive_float))
+    landscape_points: int = _opt(
+        21, "grid points per direction of the landscape (odd numbers include ``α = 0``).", _int(3),
+        price="forward passes only: ``landscape_points`` for the cut, its square for the surface.")
     seed: int = _opt(0, "seed of the callback's own ``torch.Generator`` (probes, start vectors, fixed batches).",
                      _int(0))
     metrics: tuple[str, ...] = _opt(
@@ -242,6 +257,18 @@ class MonitorOptions:
             raise ValueError(
                 "`layer_metrics` has 'eig_mass' (the top eigenvector's mass per module), which needs 'eigenvalues' "
                 "in `metrics`."
+            )
+        landscapes = [m for m in ("landscape", "landscape_2d") if m in metrics]
+        if landscapes and "eigenvalues" not in metrics:
+            raise ValueError(f"`metrics` has {landscapes[0]!r} (the loss along the top eigenvectors), which needs "
+                             "'eigenvalues' in `metrics` too.")
+        if "landscape_2d" in metrics and self.top_k < 2:
+            raise ValueError("`metrics` has 'landscape_2d' (the loss over the two sharpest directions), which needs "
+                             f"`top_k` >= 2, got {self.top_k}.")
+        if self.backend == "finite-difference" and self.curvature == "ggn":
+            raise ValueError(
+                "`backend='finite-difference'` measures the Hessian; `curvature='ggn'` needs an exact backend "
+                "('auto', 'double-backward')."
             )
         if self.data == "current" and self.num_batches != 1:
             raise ValueError(

@@ -41,6 +41,7 @@ from .estimators import (
     spectral_density,
 )
 from .isolation import NonFiniteError
+from .landscape import Landscape, loss_cut, loss_surface
 from .operators import BlockOperator, ScaledOperator
 from .options import MonitorOptions
 
@@ -194,6 +195,8 @@ class MeasurementPlan:
         self.vectors: dict[str, Tensor] = {}
         self.layout: list[list[Any]] | None = None
         self.last_density: SpectralDensity | None = None
+        #: the loss landscapes of the latest estimate (``"landscape"``, ``"landscape_2d"``), by metric name
+        self.last_landscapes: dict[str, Landscape] = {}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -287,7 +290,35 @@ class MeasurementPlan:
             out.update(self._stability(op, params, optimizer, out.get("lambda_max")))
         if "layers" in o.metrics:
             out.update(self._layers(op, top))
+        self.last_landscapes = self._landscapes(op, top) if top is not None else {}
         return out
+
+    def _landscapes(self, op: Any, top: EigenResult) -> dict[str, Landscape]:
+        """The loss along the top eigenvectors (forward passes only; see :mod:`~lightning_curvature.landscape`)."""
+        o = self.options
+        wanted = [m for m in ("landscape", "landscape_2d") if m in o.metrics]
+        loss_fn = getattr(op, "loss_fn", None)
+        if not wanted or not callable(loss_fn):
+            if wanted:
+                self._note("landscape", "CurvatureMonitor: the loss landscape needs the loss as a function of the "
+                           "parameters, which the finite-difference backend does not offer; it is skipped.")
+            return {}
+        order = torch.argsort(top.eigenvalues, descending=True)
+        lams, vecs = top.eigenvalues[order], top.eigenvectors[:, order]
+        radius = o.landscape_radius
+        if radius is None:
+            radius = math.sqrt(2 * abs(op.loss) / float(lams[0])) if float(lams[0]) > 0 and op.loss != 0 else 1.0
+        grid = torch.linspace(-radius, radius, o.landscape_points, dtype=torch.float64)
+        g = op.gradient()
+        slopes = [float(torch.dot(g, vecs[:, i].to(g.dtype))) for i in range(min(2, vecs.shape[1]))]
+        out: dict[str, Landscape] = {}
+        if "landscape" in wanted:
+            out["landscape"] = loss_cut(loss_fn, op.params, vecs[:, 0], grid, curvature=float(lams[0]),
+                                        slope=slopes[0])
+        if "landscape_2d" in wanted:
+            out["landscape_2d"] = loss_surface(loss_fn, op.params, [vecs[:, 0], vecs[:, 1]], grid, grid,
+                                               curvatures=[float(lams[0]), float(lams[1])], slopes=slopes)
+        return out  # a non-finite loss far from θ is information, not a failed estimate
 
     def _eigs(self, op: Any, key: str, k: int, which: str, solver: str | None = None) -> EigenResult:
         """One eigen-solve, warm-started from (and storing) the vectors under ``key``."""
