@@ -6,7 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 
 from lightning_curvature.callback import check_strategy
 
@@ -70,10 +76,58 @@ def test_ddp_spawn_pickles_the_callback_and_matches_ddp(runs):
             assert float(spawn[step][k]) == pytest.approx(float(ddp[step][k]), rel=1e-9), (step, k)
 
 
+@pytest.mark.slow
+def test_fsdp2_model_parallel_strategy_measures_the_global_batch_and_changes_nothing(tmp_path):
+    """2 processes, fully_shard through ModelParallelStrategy: the logged values at step 0 are those of the Hessian
+    of the mean loss on the 32 examples of the global batch (dense float64), and training is unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from fsdp_run import make_data, make_model
+
+    fsdp = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_run.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for kind in ("with", "without"):
+        proc = subprocess.run([sys.executable, fsdp, str(tmp_path), kind], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+        assert "FIT COMPLETE" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+    with open(tmp_path / "with" / "version_0" / "metrics.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("curvature/trace")}
+    assert sorted(rows) == [0, 2, 4]  # logged once each (rank zero)
+    model = make_model()
+    x, y = make_data().tensors
+    x, y = x[:32], y[:32]
+    params = dict(model.named_parameters())
+    names, shapes = list(params), [p.shape for p in params.values()]
+
+    def loss(flat):
+        parts = torch.split(flat, [s.numel() for s in shapes])
+        return F.cross_entropy(torch.func.functional_call(model, {n: t.view(s) for n, t, s in
+                                                                  zip(names, parts, shapes)}, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in params.values()]))
+    evals = torch.linalg.eigvalsh(H).flip(0)
+    first = rows[0]
+    assert float(first["curvature/loss"]) == pytest.approx(float(loss(torch.cat([p.detach().reshape(-1) for p in
+                                                                                    params.values()]))), rel=1e-12)
+    assert float(first["curvature/eig_1"]) == pytest.approx(float(evals[0]), rel=1e-3)
+    assert float(first["curvature/eig_2"]) == pytest.approx(float(evals[1]), rel=1e-3)
+    stderr = float(first["curvature/trace_stderr"])
+    assert abs(float(first["curvature/trace"]) - float(torch.trace(H))) <= 4 * stderr
+    with_cb, without = torch.load(tmp_path / "weights-with.pt"), torch.load(tmp_path / "weights-without.pt")
+    assert with_cb.keys() == without.keys() and all(torch.equal(with_cb[k], without[k]) for k in with_cb)
+
+
 def test_sharded_strategies_are_refused_with_what_is_supported():
     check_strategy(SingleDeviceStrategy("cpu"))
     check_strategy(DDPStrategy())
-    with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*Supported: single device.*DDP"):
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*Supported: single device.*DDP.*FSDP2"):
         check_strategy(FSDPStrategy())
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="backend='finite-difference'"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "double-backward")
     with pytest.raises(ValueError, match="does not support DeepSpeedStrategy"):
         check_strategy(DeepSpeedStrategy.__new__(DeepSpeedStrategy))

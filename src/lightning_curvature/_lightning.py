@@ -24,7 +24,10 @@ from .options import MonitorOptions
 
 LOSS_HOOK = "curvature_loss"
 OUTPUTS_HOOK = "curvature_outputs"
-SUPPORTED_STRATEGIES = "single device (CPU or one GPU), DDP (strategy='ddp', 'ddp_spawn', 'ddp_notebook')"
+SUPPORTED_STRATEGIES = (
+    "single device (CPU or one GPU), DDP (strategy='ddp', 'ddp_spawn', 'ddp_notebook'), and FSDP2 through "
+    "ModelParallelStrategy with tensor_parallel_size=1 (fully_shard in configure_model; finite-difference products)"
+)
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -46,16 +49,39 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def check_strategy(strategy: Any) -> None:
-    """Refuse strategies whose parameters are sharded (the operator needs each process to hold every parameter)."""
+def is_sharded(strategy: Any) -> bool:
+    """Whether the strategy shards the parameters across processes (FSDP2 through ``ModelParallelStrategy``)."""
+    return type(strategy).__name__ == "ModelParallelStrategy"
+
+
+def check_strategy(strategy: Any, backend: str = "auto") -> None:
+    """Refuse what cannot work: tensor parallelism, DeepSpeed, FSDP1, and exact backends on sharded parameters.
+
+    Under FSDP2 (``fully_shard``; Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``) the
+    parameters are sharded DTensors: ``autograd.grad`` cannot differentiate with respect to them, ``loss.backward()``
+    can, so the products are finite differences of the strategy's own gradients.
+    """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-    sharded = any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)  # a DDPStrategy subclass
-    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not sharded:
+    name = type(strategy).__name__
+    deepspeed = any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)  # a DDPStrategy subclass
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not deepspeed:
+        return
+    if name == "ModelParallelStrategy":
+        tp = getattr(strategy, "_tensor_parallel_size", 1)
+        if tp not in (1, "auto"):
+            raise ValueError(
+                f"CurvatureMonitor does not support tensor parallelism (ModelParallelStrategy with "
+                f"tensor_parallel_size={tp}). Supported: {SUPPORTED_STRATEGIES}."
+            )
+        if backend not in ("auto", "finite-difference"):
+            raise ValueError(
+                f"CurvatureMonitor(backend={backend!r}) cannot differentiate FSDP2's sharded parameters twice: use "
+                "backend='finite-difference' (or 'auto', which picks it)."
+            )
         return
     raise ValueError(
-        f"CurvatureMonitor does not support {type(strategy).__name__}: it shards the parameters across processes, "
-        f"and the Hessian-vector products need every process to hold all of them. Supported: {SUPPORTED_STRATEGIES}."
+        f"CurvatureMonitor does not support {name}. Supported: {SUPPORTED_STRATEGIES}."
     )
 
 
@@ -143,14 +169,21 @@ def _mse(output: Tensor, target: Tensor) -> Tensor:
 def build_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
     options: MonitorOptions, seed: int, weights: list[float] | None = None, backend: str | None = None,
+    sharded: bool = False,
 ) -> Any:
     """This process's curvature operator (Hessian or GGN) of the training loss on ``batches``.
 
     Under DDP it is all-reduced, and a failure to build it on one process reaches every process as a non-finite value
     (never as a hang in a collective). ``weights``: of each batch's loss (default: by batch size, summing to one).
-    ``backend``: overrides ``options.backend``.
+    ``backend``: overrides ``options.backend``. ``sharded`` (FSDP2): finite differences of the strategy's own
+    gradients, which its backward already averages over processes (no all-reduce here).
     """
     dtype = options.torch_dtype
+    if sharded:
+        # the module's dtype (casting sharded parameters is not supported), the strategy's own reduction
+        dtype = next(iter(params.values())).dtype
+        return _GlobalLoss(_local_operator(pl_module, batches, params, options, dtype, seed, weights,
+                                           "finite-difference"))
     try:
         op = _local_operator(pl_module, batches, params, options, dtype, seed, weights, backend or options.backend)
     except Exception as err:
@@ -204,6 +237,39 @@ def _local_operator(
                    for w, p, t in zip(weights, parts, targets))  # type: ignore[return-value]
 
     return GGNOperator(output_fn, loss_of_output, theta, dtype=dtype)
+
+
+class _GlobalLoss:
+    """A sharded (FSDP2) operator with the loss of the whole batch.
+
+    The strategy's backward already averages products and gradient over processes; only the loss value is this
+    process's own, so it is all-reduced here (the mean over processes).
+    """
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self._loss: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.op, name)
+
+    @property
+    def loss(self) -> float:
+        if self._loss is None:
+            local = torch.tensor([self.op.loss], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
+            self._loss = float(local) / world_size()
+        return self._loss
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.op.matvec(v)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.op.matmat(V)
+
+    def gradient(self) -> Tensor:
+        return self.op.gradient()
 
 
 class _FailedOperator:

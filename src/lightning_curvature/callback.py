@@ -27,6 +27,7 @@ from ._lightning import (
     check_strategy,
     differentiated_parameters,
     draw_fixed_batches,
+    is_sharded,
     world_size,
 )
 from .isolation import ErrorBoundary, NonFiniteError, isolated
@@ -136,6 +137,7 @@ class CurvatureMonitor(Callback):
         self._micro_step, self._micro = -1, []  # micro-batches of the step being collected (accumulation="step")
         self._num_estimates = 0
         self._first_order = False  # "auto" found no exact backend: finite differences from now on
+        self._sharded = False  # FSDP2: finite differences of the strategy's own (already averaged) gradients
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
         self.last_metrics: dict[str, float] = {}
@@ -211,7 +213,8 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: {name} uses manual optimisation, whose training_step steps the optimizers and "
                 f"cannot be re-run. Define `{LOSS_HOOK}(self, batch) -> Tensor` returning the loss."
             )
-        check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy, self.options.backend)
+        self._sharded = is_sharded(trainer.strategy)
         if self.options.curvature == "ggn" and not callable(getattr(pl_module, OUTPUTS_HOOK, None)):
             raise ValueError(
                 f"CurvatureMonitor(curvature='ggn') needs the network output and the targets separately: define "
@@ -295,7 +298,7 @@ class CurvatureMonitor(Callback):
 
     def _remember_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
-        self._update_snapshot = (step, {k: p.detach().clone() for k, p in params.items()})
+        self._update_snapshot = (step, {k: _whole(p.detach()).clone() for k, p in params.items()})
 
     # ------------------------------------------------------------------ the estimate
     def estimate(
@@ -331,7 +334,7 @@ class CurvatureMonitor(Callback):
 
         def attempt(backend: str | None) -> tuple[dict[str, float], Any]:
             op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
-                                weights=weights, backend=backend)
+                                weights=weights, backend=backend, sharded=self._sharded)
             try:
                 return self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params), op
             except NonFiniteError:
@@ -404,6 +407,11 @@ class CurvatureMonitor(Callback):
                 log_density(logger, prefix + "density", density.grid, density.density, step)
             for name, landscape in self.plan.last_landscapes.items():
                 log_landscape(logger, prefix + name, landscape, step)
+
+
+def _whole(t: Tensor) -> Tensor:
+    """The whole of a sharded (DTensor) parameter, gathered from every process (a collective); else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _last_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

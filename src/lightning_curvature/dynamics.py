@@ -123,8 +123,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         any_state = True
         g = group_of[id(p)]
         beta1, beta2 = g["betas"]
-        t = float(st["step"])
-        v = st["exp_avg_sq"].detach().to(torch.float64).reshape(-1)
+        t = float(st["step"].full_tensor() if hasattr(st["step"], "full_tensor") else st["step"])
+        v = st["exp_avg_sq"].detach()
+        v = (v.full_tensor() if hasattr(v, "full_tensor") else v).to(torch.float64).reshape(-1)  # FSDP2: whole
         precond = (1 - beta1**t) * ((v / (1 - beta2**t)).sqrt() + g["eps"])
         parts.append(torch.where(v > 0, precond.rsqrt(), torch.zeros_like(v)))
     if not any_state:
