@@ -27,7 +27,8 @@ def make_model() -> nn.Module:
 
 def make_data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(128, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (128,), generator=g))
+    x = torch.randn(128, 6, generator=g, dtype=torch.float64)
+    return TensorDataset(x, torch.randint(0, 3, (128,), generator=g))
 
 
 class Net(pl.LightningModule):
