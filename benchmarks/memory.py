@@ -1,19 +1,27 @@
-"""Peak memory of one CurvatureMonitor estimate relative to one training step (CPU), and no growth over a run.
+"""Peak memory of one CurvatureMonitor estimate relative to one training step (CPU), no growth over a run, and the
+memory of ``lanczos`` against the number of parameters.
 
     python benchmarks/memory.py [--hidden 1024] [--batch 256]
+    python benchmarks/memory.py --lanczos [--sizes 1e5,1e6,1e7] [--max-iter 200]
 
-Each measurement runs in a fresh subprocess: the model, a batch and the optimizer are built, the resident set size
-(RSS) is read, then the operation runs once and the peak RSS (``ru_maxrss``) is read; the difference is the peak
-extra memory of the operation. Training step: forward, backward, optimizer step. Estimate: one
-``CurvatureMonitor.estimate`` at the callback's defaults. The last line trains the demo's 64-64 MLP for 2,000 steps
-with an estimate every 10 steps and reports the RSS at step 200 and step 2,000.
+Each measurement runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_`` at 1 MiB, so that a freed vector goes back
+to the system at once and the peak counts live tensors rather than the allocator's cache: the inputs are built, the
+resident set size (RSS) is read, the peak is reset (``/proc/self/clear_refs``), the operation runs once and the peak
+RSS (``VmHWM``) is read; the difference is the peak extra memory of the operation. Training step: forward, backward,
+optimizer step. Estimate: one ``CurvatureMonitor.estimate`` at the callback's defaults. The last line trains the demo's
+64-64 MLP for 2,000 steps with an estimate every 10 steps and reports the RSS at step 200 and step 2,000.
+
+``--lanczos``: ``lanczos(op, k=1, max_iter, tol=1e-6)`` on a float32 diagonal operator with evenly spaced eigenvalues
+(it does not converge, so every run spends ``max_iter`` products), for each ``P``; the extra memory is also given in
+vectors of ``P`` floats, whose count should not grow with ``P`` (nor with ``max_iter``). The ``max_basis=max_iter``
+row keeps every vector, as the unrestarted Lanczos did.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 
@@ -21,13 +29,52 @@ import sys
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024  # kB
+
+
+def _reset_peak() -> None:
+    """Start the peak RSS (``VmHWM``) again from the current RSS (Linux >= 4.0; else the peak since exec stands)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+    return _status_mb("VmHWM")
+
+
+def _lanczos_child(size: float, max_iter: int, unbounded: bool) -> dict:
+    import torch
+
+    from lightning_curvature import lanczos
+
+    torch.set_num_threads(2)
+
+    class Diagonal:
+        def __init__(self, d: torch.Tensor) -> None:
+            self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
+
+        def matvec(self, v: torch.Tensor) -> torch.Tensor:
+            return self.d * v
+
+    P = int(size)
+    small = Diagonal(torch.linspace(0, 1, 1000))
+    lanczos(small, k=1, max_iter=40, tol=1e-6, generator=torch.Generator().manual_seed(0))  # warm-up
+    op = Diagonal(torch.linspace(0, 1, P))
+    kwargs = {"max_basis": max_iter + 2} if unbounded else {}
+    base = _rss_mb()
+    _reset_peak()
+    res = lanczos(op, k=1, max_iter=max_iter, tol=1e-6, generator=torch.Generator().manual_seed(0), **kwargs)
+    extra = _peak_mb() - base
+    return {"params": P, "extra_mb": extra, "vectors": extra * 2**20 / (4 * P), "products": res.num_matvecs}
 
 
 def _child(what: str, hidden: int, batch: int) -> dict:
@@ -67,6 +114,7 @@ def _child(what: str, hidden: int, batch: int) -> dict:
         trainer.fit(model, data)
         return {"params": params, "rss_200": rss[200], "rss_2000": rss[2000]}
     base = _rss_mb()
+    _reset_peak()
     if what == "step":
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -80,15 +128,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--child", choices=["step", "estimate", "growth"])
+    parser.add_argument("--child", choices=["step", "estimate", "growth", "lanczos", "lanczos-unbounded"])
+    parser.add_argument("--lanczos", action="store_true", help="lanczos memory against P instead")
+    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="--lanczos: parameter counts, comma-separated")
+    parser.add_argument("--max-iter", type=int, default=200, help="--lanczos: products per run")
+    parser.add_argument("--size", type=float, default=1e5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child in ("lanczos", "lanczos-unbounded"):
+        print(json.dumps(_lanczos_child(args.size, args.max_iter, args.child == "lanczos-unbounded")))
+        return
     if args.child:
         print(json.dumps(_child(args.child, args.hidden, args.batch)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    if args.lanczos:
+        print(f"lanczos(k=1, max_iter={args.max_iter}, tol=1e-6) on a float32 diagonal operator that does not "
+              f"converge, CPU\n")
+        print("| P | basis | products | peak extra memory (MB) | in vectors of P floats |")
+        print("|---|---|---|---|---|")
+        for size in args.sizes.split(","):
+            for child, label in (("lanczos", "max_basis default (20)"),
+                                 ("lanczos-unbounded", "max_basis = max_iter (every vector kept)")):
+                if child == "lanczos-unbounded" and float(size) * 4 * args.max_iter > 4 * 2**30:
+                    print(f"| {float(size):,.0f} | {label} | | skipped (over 4 GB) | |")
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--child", child, "--size", size, "--max-iter",
+                                      str(args.max_iter)], capture_output=True, text=True, env=env)
+                if out.returncode != 0:  # e.g. an older lanczos without max_basis
+                    print(f"| {float(size):,.0f} | {label} | | failed: {out.stderr.strip().splitlines()[-1][:60]} | |")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {r['params']:,} | {label} | {r['products']} | {r['extra_mb']:.1f} | {r['vectors']:.1f} |",
+                      flush=True)
         return
 
     def run(what: str, hidden: int = args.hidden) -> dict:
         out = subprocess.run([sys.executable, __file__, "--child", what, "--hidden", str(hidden), "--batch",
-                              str(args.batch)], capture_output=True, text=True, check=True)
+                              str(args.batch)], capture_output=True, text=True, check=True, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     step, est = run("step"), run("estimate")

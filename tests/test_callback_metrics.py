@@ -236,3 +236,31 @@ def test_landscape_along_the_top_eigenvectors(tmp_path):
     logged = read_landscapes(tb.log_dir)
     assert [step for step, _ in logged["curvature/landscape"]] == [0, 3]
     assert logged["curvature/landscape_2d"][0][1].losses.shape == (5, 5)
+
+
+class _LinearMSE(pl.LightningModule):
+    """``nn.Linear(4, 3)`` under MSE: the Hessian is ``I₃ ⊗ (2/3n) X̃ᵀX̃``, every eigenvalue threefold."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+
+def test_threefold_top_eigenvalue_of_a_linear_layer_under_mse():
+    # the issue's case: a single-vector Krylov run saw one copy and logged (0.9992, 0.8218, 0.6737), converged
+    torch.manual_seed(0)
+    model = _LinearMSE()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 3, generator=g)
+    xt = torch.cat([x, torch.ones(32, 1)], dim=1).double()
+    block = 2.0 / (32 * 3) * xt.T @ xt  # the Hessian of one output's weights and bias
+    top = float(torch.linalg.eigvalsh(block)[-1])
+    for dtype in ("float32", "float64"):
+        out = CurvatureMonitor(top_k=3, metrics=["eigenvalues"], dtype=dtype).estimate(model, [((x, y), 0)])
+        got = [out[f"eig_{i}"] for i in (1, 2, 3)]
+        assert got == pytest.approx([top] * 3, rel=2e-3), (dtype, got)  # the default tol is 1e-3
+        assert out["eig_converged"] == 1.0

@@ -181,7 +181,8 @@ CLUSTERED = [10.0, 9.999, 9.998, 5.0, 4.9, -12.0, -11.99, 1.0, 0.5, 0.2] + [0.01
 )
 def test_lanczos_matches_eigvalsh_on_clustered_and_negative_spectra(which, expected):
     A = spectrum_matrix(CLUSTERED, seed=5)
-    res = lanczos(A, k=5, which=which, max_iter=70, tol=1e-10, generator=gen())
+    # the 3rd..5th SA values sit in an evenly spaced bulk (gaps 0.01): to 1e-10 a restarted run takes a few hundred
+    res = lanczos(A, k=5, which=which, max_iter=400, tol=1e-10, generator=gen())
     torch.testing.assert_close(res.eigenvalues, torch.tensor(expected, dtype=torch.float64), atol=1e-8, rtol=0)
     # no ghosts: the returned vectors are orthonormal, so no eigenvalue is reported twice
     V = res.eigenvectors
@@ -248,6 +249,192 @@ def test_lanczos_bad_arguments():
         lanczos(torch.eye(3), which="BE")
     with pytest.raises(ValueError, match="exceeds"):
         lanczos(torch.eye(3), k=4)
+
+
+def test_lanczos_rejects_a_tolerance_or_budget_that_cannot_mean_anything():
+    A = spectrum_matrix([3.0, 2.0, 1.0, 0.5], seed=1)
+    for tol in (math.inf, math.nan, 0.0, -1e-3, True, "1e-3"):
+        with pytest.raises(ValueError, match="tol must be a finite positive number"):
+            lanczos(A, tol=tol)
+    with pytest.raises(ValueError, match="max_iter=3 is smaller than k=4"):
+        lanczos(A, k=4, max_iter=3)
+    with pytest.raises(ValueError, match="block_size"):
+        lanczos(A, k=2, block_size=0)
+    with pytest.raises(ValueError, match="block_size=5 does not fit"):
+        lanczos(A, k=2, block_size=5)
+    with pytest.raises(ValueError, match=r"max_basis=5 is below k \+ 2 \* block_size = 6"):
+        lanczos(A, k=2, block_size=2, max_basis=5)
+
+
+# Rotated diagonals whose top (or bottom) eigenvalue is repeated, above a bulk of 60 distinct eigenvalues, so that a
+# single start vector's Krylov space does not become invariant: it sees one copy of each repeated eigenvalue only.
+BULK = torch.linspace(-1.0, 1.5, 60).tolist()
+
+
+def check_pairs(A, res, expected, atol):
+    """Eigenvalues against the dense reference, orthonormal vectors, and reported residuals that are true ones."""
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(expected, dtype=torch.float64), atol=atol, rtol=0)
+    V = res.eigenvectors
+    torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1], dtype=torch.float64), atol=1e-10, rtol=0)
+    true = (A @ V - V * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
+    assert (true <= res.residuals + 1e-12).all() and (true >= res.residuals - 1e-12).all()
+
+
+@pytest.mark.parametrize("block_size", [1, 3], ids=["deflated-check", "block"])
+@pytest.mark.parametrize("mult", [2, 3])
+def test_lanczos_finds_every_copy_of_a_repeated_top_eigenvalue(mult, block_size):
+    spectrum = [5.0] * mult + [3.0, 2.0] + BULK
+    A = spectrum_matrix(spectrum, seed=20)
+    res = lanczos(A, k=3, tol=1e-8, block_size=block_size, generator=gen())
+    check_pairs(A, res, sorted(spectrum, reverse=True)[:3], atol=1e-7)
+    assert bool(res.converged.all())
+
+
+def test_lanczos_repeated_eigenvalue_in_a_small_invariant_krylov_space():
+    """The issue's case: one start vector's Krylov space of rotated diag(5, 5, 5, 3, 2, 1, 0, -1) is invariant after
+    6 products; the run must go on with fresh vectors, not stop at (5, 3, 2)."""
+    A = spectrum_matrix([5.0, 5.0, 5.0, 3.0, 2.0, 1.0, 0.0, -1.0], seed=21)
+    res = lanczos(A, k=3, tol=1e-8, generator=gen())
+    check_pairs(A, res, [5.0, 5.0, 5.0], atol=1e-7)
+    assert bool(res.converged.all())
+
+
+@pytest.mark.parametrize("block_size", [1, 3], ids=["deflated-check", "block"])
+def test_lanczos_resolves_a_tight_cluster(block_size):
+    spectrum = [5.0, 5.0 - 1e-4, 5.0 - 2e-4, 3.0] + BULK
+    A = spectrum_matrix(spectrum, seed=22)
+    res = lanczos(A, k=3, tol=1e-10, block_size=block_size, max_iter=400, generator=gen())
+    # a residual r puts the eigenvalue within r²/gap of the Ritz value: far below the cluster's gaps of 1e-4
+    check_pairs(A, res, [5.0, 5.0 - 1e-4, 5.0 - 2e-4], atol=1e-8)
+    assert bool(res.converged.all())
+
+
+@pytest.mark.parametrize("block_size", [1, 2], ids=["deflated-check", "block"])
+def test_lanczos_smallest_algebraic_finds_a_repeated_bottom_eigenvalue(block_size):
+    spectrum = [-2.0, -2.0, -1.0] + BULK
+    A = spectrum_matrix(spectrum, seed=23)
+    res = lanczos(A, k=2, which="SA", tol=1e-8, block_size=block_size, generator=gen())
+    check_pairs(A, res, [-2.0, -2.0], atol=1e-7)
+    assert bool(res.converged.all())
+
+
+def test_lanczos_never_claims_convergence_for_a_wrong_answer():
+    """Designs that fool a single-vector Krylov method: converged may only be true for the right eigenvalues."""
+    # 1. a budget that covers the single-vector run but not the check: it has only seen one copy of 5
+    spectrum = [5.0, 5.0, 5.0, 3.0, 2.0] + BULK
+    A = spectrum_matrix(spectrum, seed=20)
+    short = lanczos(A, k=3, tol=1e-8, max_iter=40, generator=gen())
+    assert short.eigenvalues.tolist() != pytest.approx([5.0, 5.0, 5.0], abs=1e-3)  # the fooled answer ...
+    assert not bool(short.converged.any())  # ... is not claimed
+    # 2. block_size < k without a check: no evidence about multiplicities
+    no_check = lanczos(A, k=3, tol=1e-8, block_size=2, max_iter=12, generator=gen())
+    assert not bool(no_check.converged.any())
+    # 3. a shifted spectrum: after one product the relative residual of the bulk's mean is 1%, far below tol, while
+    #    the top eigenvalue is twice as large; a one-vector space has no spread, so it cannot pass the test
+    bulk = 5.0 + 0.05 * torch.randn(300, generator=gen(3), dtype=torch.float64)
+    B = spectrum_matrix([10.0, *bulk.tolist()], seed=24)
+    for tol in (0.05, 1e6):  # a huge tol counts as 0.1
+        for seed in range(3):
+            res = lanczos(B, k=1, tol=tol, generator=gen(seed))
+            assert res.num_matvecs > 1
+            assert bool(res.converged.all())
+            assert abs(float(res.eigenvalues[0]) - 10.0) <= float(res.residuals[0]) * 10.0 + 1e-12
+    # 4. too few products for the top-10 of a 64-dimensional matrix, and a tolerance of 1e6
+    C = spectrum_matrix(OUTLIERS_FOR_LANCZOS, seed=25)
+    ref = torch.linalg.eigvalsh(C).flip(0)
+    for kwargs in ({"k": 10, "max_iter": 12, "tol": 1e-6}, {"k": 4, "tol": 1e6}, {"k": 1, "tol": 1e6}):
+        for seed in range(3):
+            res = lanczos(C, generator=gen(seed), **kwargs)
+            k = kwargs["k"]
+            err = (res.eigenvalues - ref[:k]).abs()
+            bound = res.residuals * res.eigenvalues.abs()  # the residual bound |θ − λ| ≤ ‖H y − θ y‖
+            if bool(res.converged.all()):
+                assert (err <= bound * 1.0001 + 1e-12).all()
+            else:
+                assert not bool(res.converged.any())
+
+
+def test_lanczos_budget_spent_before_the_deflated_check_is_no_evidence():
+    """Every budget from k to past convergence: an answer or an honest ``converged=False``, never an exception.
+
+    A budget that the first run spends exactly leaves the deflated check no product to run (this raised an
+    ``IndexError`` through the callback, on Lightning's LSTM demo and a GPT-2 head).
+    """
+    A = spectrum_matrix([5.0, 4.0, 3.0] + BULK, seed=26)
+    full = lanczos(A, k=2, tol=1e-6, generator=gen())
+    assert bool(full.converged.all())
+    for max_iter in range(2, full.num_matvecs + 3):
+        res = lanczos(A, k=2, tol=1e-6, max_iter=max_iter, generator=gen())
+        assert res.num_matvecs <= max_iter
+        if bool(res.converged.all()):
+            torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=torch.float64), atol=1e-5,
+                                       rtol=0)
+        else:
+            assert not bool(res.converged.any())
+
+
+OUTLIERS_FOR_LANCZOS = [50.0, 30.0, 20.0, 10.0] + [0.1 * ((i % 7) - 2) for i in range(60)]
+
+
+def test_lanczos_restarts_keep_pairs_accurate_and_residuals_honest():
+    """A spectrum that converges slowly forces many thick restarts of a 20-vector basis, in float64 and float32."""
+    spectrum = torch.cat([torch.tensor([1.0, 0.99, 0.98]), torch.linspace(-0.5, 0.97, 997)]).double()
+    A = spectrum_matrix(spectrum.tolist(), seed=26)
+    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 1e-3)):
+        Ad = A.to(dtype)
+        res = lanczos(Ad, k=2, tol=tol, max_iter=2000, generator=gen())
+        assert res.num_matvecs > 40  # several restarts of a 20-vector basis
+        assert bool(res.converged.all())
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(res.eigenvalues, torch.tensor([1.0, 0.99], dtype=torch.float64),
+                                   atol=10 * tol, rtol=0)  # |θ − λ| ≤ r²/gap ≪ r
+        V = res.eigenvectors.double()
+        # orthonormal to the level the tolerance needs (the basis is kept that orthogonal), or to rounding
+        assert float((V.T @ V - torch.eye(2, dtype=torch.float64)).abs().max()) <= 0.1 * tol + 100 * eps
+        true = (A @ V - V * res.eigenvalues).norm(dim=0)
+        # the recurrence's residual is the true one up to rounding in the products (ε ‖H‖ per step)
+        assert (true <= res.residuals * res.eigenvalues.abs() + 100 * eps).all()
+        assert (true <= tol * res.eigenvalues.abs()).all()
+
+
+def test_lanczos_memory_is_bounded_by_the_basis_not_by_max_iter(tmp_path):
+    """400 products on P = 400,000 (float64, 3.2 MB a vector) with a spectrum that does not converge: the peak
+    resident memory grows by about max_basis = 20 vectors, not by 400 (the basis that kept every vector)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, torch\n"
+        "from lightning_curvature import lanczos\n"
+        "torch.set_num_threads(1)\n"
+        "class Diagonal:\n"
+        "    def __init__(self, d):\n"
+        "        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device\n"
+        "    def matvec(self, v):\n"
+        "        return self.d * v\n"
+        "def status(key):  # VmRSS, VmHWM (peak) in bytes; ru_maxrss would inherit pytest's peak across exec\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ':'))\n"
+        "P = 400_000\n"
+        "lanczos(Diagonal(torch.linspace(0, 1, 1000, dtype=torch.float64)), k=2, max_iter=60, tol=1e-12,\n"
+        "        generator=torch.Generator().manual_seed(0))  # kernels and allocator warmed up on a small problem\n"
+        "op = Diagonal(torch.linspace(0, 1, P, dtype=torch.float64))\n"
+        "before = status('VmRSS')\n"
+        "with open('/proc/self/clear_refs', 'w') as f:\n"
+        "    f.write('5')  # the peak starts again from here\n"
+        "res = lanczos(op, k=2, max_iter=400, tol=1e-12, generator=torch.Generator().manual_seed(0))\n"
+        "print(json.dumps({'vectors': (status('VmHWM') - before) / (8 * P), 'products': res.num_matvecs}))\n"
+    )
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # every freed vector goes back to the system at once, so the peak counts live tensors, not the allocator's cache
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, env=env)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert measured["products"] == 400
+    # 20 basis vectors, the 2 returned, the start draw, a product and its temporaries
+    assert measured["vectors"] <= 20 + 10
 
 
 # ---------------------------------------------------------------- Hutch++ and deflation

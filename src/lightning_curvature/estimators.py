@@ -8,6 +8,7 @@ random draws (the global RNG is never used), and returns a small result dataclas
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,7 +65,8 @@ class EigenResult:
         eigenvalues: ``(k,)`` float64 estimated eigenvalues, in the order the solver documents.
         eigenvectors: ``(P, k)`` unit-norm estimated eigenvectors, columns matching ``eigenvalues``.
         num_matvecs: operator products spent.
-        converged: ``(k,)`` booleans, whether each pair met the residual tolerance.
+        converged: ``(k,)`` booleans, whether each pair met the residual tolerance; for :func:`lanczos`, also that
+            the run has evidence that no unreported eigenvalue lies beyond the ``k``-th (see there).
         residuals: ``(k,)`` relative residuals ``‖H v − λ v‖ / |λ|`` of the returned pairs.
     """
 
@@ -273,16 +275,25 @@ def power_iteration(
 
 WHICH: tuple[str, ...] = ("LA", "SA", "LM")
 
+#: The largest relative residual that can back a convergence claim of :func:`lanczos`, whatever ``tol`` says.
+CLAIM_TOL_CAP = 0.1
+_DGKS = 1 / math.sqrt(2)  # a second Gram-Schmidt pass when a norm drops below this fraction (Daniel et al. 1976)
+_RESTART_CHUNK = 1 << 16  # columns per chunk when a restart recombines the basis in place
+_NOISE = 4.0  # rounding per step in the ω-recurrence, in ε ‖H‖ / β (an HVP rounds more than one matrix product)
+
 
 @dataclass
 class LanczosDecomposition:
-    """A Lanczos run: ``H Q ≈ Q T`` with ``Q`` ``(P, m)`` orthonormal and ``T`` ``(m, m)`` tridiagonal.
+    """A plain Lanczos run: ``H Q ≈ Q T`` with ``Q`` ``(P, m)`` orthonormal and ``T`` ``(m, m)`` tridiagonal.
+
+    Produced by the unrestarted steps of :func:`spectral_density`; :func:`lanczos` uses a restarted block method.
 
     Attributes:
         basis: ``Q`` as a :class:`KrylovBasis` (``basis @ S`` and ``basis.tensor()``).
         alpha: diagonal of ``T`` (float64).
-        beta: off-diagonal of ``T`` (float64), length ``m - 1``; a zero marks a restart after an invariant subspace.
-        last_beta: the norm of the residual direction after the last step (``β_m``), for Ritz residuals.
+        beta: off-diagonal of ``T`` (float64), length ``m - 1``.
+        last_beta: the norm of the residual direction after the last step (``β_m``); ``0`` when the run stopped at an
+            invariant subspace.
         num_matvecs: operator products spent.
     """
 
@@ -296,19 +307,11 @@ class LanczosDecomposition:
         return torch.diag(self.alpha) + torch.diag(self.beta, 1) + torch.diag(self.beta, -1)
 
 
-def _select(theta: Tensor, k: int, which: str) -> Tensor:
-    if which == "LA":
-        return torch.argsort(theta, descending=True)[:k]
-    if which == "SA":
-        return torch.argsort(theta)[:k]
-    return torch.argsort(theta.abs(), descending=True)[:k]
-
-
 class KrylovBasis:
     """Orthonormal columns stored in fixed-size chunks, so memory grows with the columns used, never copied.
 
-    A Lanczos run on a model with ``P`` parameters holds ``m`` vectors of length ``P``; preallocating ``max_iter``
-    columns would cost ``max_iter · P`` even when the run converges after a few steps.
+    Used by the unrestarted Lanczos runs of :func:`spectral_density`, whose ``m`` is the (small) number of quadrature
+    nodes.
     """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, chunk: int = 16) -> None:
@@ -349,19 +352,10 @@ class KrylovBasis:
         return torch.cat(blocks, dim=1) if blocks else torch.empty((self.n, 0), dtype=self.dtype, device=self.device)
 
 
-def _lanczos_steps(
-    op: CurvatureOperator,
-    q0: Tensor,
-    max_steps: int,
-    generator: torch.Generator | None,
-    stop: Any = None,
-    restart: bool = True,
-) -> LanczosDecomposition:
-    """Run up to ``max_steps`` Lanczos steps with full reorthogonalisation, from the unit vector ``q0``.
+def _lanczos_steps(op: CurvatureOperator, q0: Tensor, max_steps: int) -> LanczosDecomposition:
+    """Up to ``max_steps`` plain Lanczos steps with full reorthogonalisation from the unit vector ``q0``.
 
-    ``stop(alpha, beta, last_beta)`` is asked after each step whether enough has been done. On breakdown (an
-    invariant subspace), the run continues from a random vector orthogonal to the basis, with ``β = 0``, when
-    ``restart`` is true, and stops otherwise (for quadrature, a breakdown means the rule is already exact).
+    Stops early at an invariant subspace (for quadrature the rule is then already exact).
     """
     n = op.shape[0]
     Q = KrylovBasis(n, op.dtype, op.device)
@@ -369,59 +363,463 @@ def _lanczos_steps(
     beta: list[float] = []
     q = q0
     last_beta = 0.0
-    steps = min(max_steps, n)
-    for _ in range(steps):
+    for _ in range(min(max_steps, n)):
         Q.append(q)
         w = op.matvec(q)
-        a = float(torch.dot(q, w))
-        alpha.append(a)
+        alpha.append(float(torch.dot(q, w)))
         # full reorthogonalisation also removes the three-term recurrence's part (α q_j + β q_{j−1})
         w = Q.project_out(w)
-        b = float(w.norm())
-        last_beta = b
-        scale = max(max(abs(x) for x in alpha), 1e-30)
-        if (stop is not None and stop(alpha, beta, b)) or Q.size == steps:
+        last_beta = float(w.norm())
+        if Q.size == max_steps:
             break
-        if b <= 1e-10 * scale:  # invariant subspace: restart orthogonally, T decouples (β = 0)
-            if not restart:
-                last_beta = 0.0
-                break
-            z = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-            z = Q.project_out(z)
-            zn = float(z.norm())
-            if zn == 0.0:
-                break
-            q = z / zn
-            beta.append(0.0)
+        if last_beta <= 1e-10 * max(max(abs(x) for x in alpha), 1e-30):
             last_beta = 0.0
-        else:
-            q = w / b
-            beta.append(b)
+            break
+        q = w / last_beta
+        beta.append(last_beta)
     m = Q.size
-    return LanczosDecomposition(
-        basis=Q,
-        alpha=torch.tensor(alpha, dtype=torch.float64),
-        beta=torch.tensor(beta[: m - 1], dtype=torch.float64),
-        last_beta=last_beta,
-        num_matvecs=m,
-    )
+    return LanczosDecomposition(basis=Q, alpha=torch.tensor(alpha, dtype=torch.float64),
+                                beta=torch.tensor(beta[: m - 1], dtype=torch.float64), last_beta=last_beta,
+                                num_matvecs=m)
 
 
-def _start_vector(
-    op: CurvatureOperator, init: Tensor | None, generator: torch.Generator | None, mix: float = 0.05
-) -> Tensor:
+def _runs(mask: Tensor) -> list[tuple[int, int]]:
+    """The ``[a, b)`` runs of true entries of a boolean vector."""
+    runs: list[tuple[int, int]] = []
+    for i in torch.nonzero(mask).flatten().tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _wanted_order(theta: Tensor, which: str) -> Tensor:
+    """Indices of the Ritz values ``theta``, most wanted first."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)
+    if which == "SA":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def _scale(theta: Tensor, order: Tensor, scale_floor: float = 0.0) -> Tensor:
+    """What the residuals of the wanted pairs ``order`` are measured by: ``min(max(|θ|, floor), θ_max − θ_min)``."""
+    return torch.minimum(theta[order].abs().clamp_min(scale_floor), theta.max() - theta.min())
+
+
+def _resolved(theta: Tensor, res: Tensor, order: Tensor, tol: float, scale_floor: float = 0.0) -> Tensor:
+    """Per wanted pair: ``r ≤ tol · scale`` (relative, and shift-invariant; see :func:`_scale`)."""
+    return res[order] <= tol * _scale(theta, order, scale_floor)
+
+
+class _BlockKrylovSchur:
+    """The state of a block thick-restart Lanczos run of :func:`lanczos` (rows are vectors).
+
+    Holds the decomposition ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V = basis[:m]`` the active orthonormal basis, ``T`` its
+    ``(m, m)`` symmetric projection, ``X = basis[m:m + bc]`` the residual block and ``G`` its ``(bc, m)`` coupling.
+    Every vector lives in one preallocated ``(capacity, P)`` block; ``T``, ``G`` and the estimated inner products
+    ``omega`` are small float64 matrices on the CPU.
+    """
+
+    def __init__(self, op: CurvatureOperator, start: Tensor, capacity: int, generator: torch.Generator | None,
+                 dtype: torch.dtype) -> None:
+        self.op, self.n, self.generator = op, op.shape[0], generator
+        self.capacity = capacity
+        b = start.shape[0]
+        self.basis = torch.empty((capacity, self.n), dtype=dtype, device=op.device)
+        self.T = torch.zeros((capacity, capacity), dtype=torch.float64)
+        self.G = torch.zeros((b, capacity), dtype=torch.float64)
+        self.omega = torch.eye(capacity, dtype=torch.float64)
+        self.eps = torch.finfo(dtype).eps
+        self.target = math.inf  # the residual accuracy the caller needs (absolute), see ``delta``
+        self.breakdown = self.eps ** 0.75  # a new direction this small (relative to ‖H‖) is rounding, not Krylov
+        self.anorm = 0.0  # running estimate of ‖H‖
+        self.m = 0
+        self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
+        self.num_matvecs = 0
+        self.num_full = 0  # steps that reorthogonalised beyond the coupled vectors (diagnostics)
+        self.basis[:b].copy_(start)
+        norms = torch.linalg.vector_norm(self.basis[:b], dim=1).to(device="cpu", dtype=torch.float64)
+        _, self.bc, _ = self._normalize_block(self.basis[:b], 0, norms, torch.ones(b, dtype=torch.float64))
+
+    @property
+    def delta(self) -> float:
+        """How far from orthogonal the basis may drift before the partial reorthogonalisation steps in.
+
+        ``√ε`` (semi-orthogonality) keeps ``T`` accurate (Simon 1984), but Ritz vectors ``Vᵀ s`` of such a basis are
+        accurate to ``√ε ‖H‖`` only. Below ``target / (‖H‖ √capacity)`` their residuals are as good as the caller needs
+        without measuring the basis (:meth:`_orthonormalizer`); the threshold is the larger of that and ``ε^¾``.
+        """
+        wanted = self.target / (max(self.anorm, torch.finfo(torch.float64).tiny) * math.sqrt(self.capacity))
+        return min(math.sqrt(self.eps), max(self.eps ** 0.75, wanted))
+
+    # -------------------------------------------------------------------------------- Gram-Schmidt
+    def _project_out(self, W: Tensor, lo: int, hi: int) -> Tensor:
+        """One classical Gram-Schmidt pass ``W ← W − Bᵀ(B W)`` for ``B = basis[lo:hi]``; returns ``B W`` (float64)."""
+        B = self.basis[lo:hi]
+        if W.shape[0] == 1:  # matrix-vector kernels: no transposed views
+            h = torch.mv(B, W[0])
+            W[0].addmv_(B.T, h, alpha=-1)
+            h = h[:, None]
+        else:
+            h = B @ W.T
+            W.addmm_(h.T, B, alpha=-1)
+        return h.to(device="cpu", dtype=torch.float64)
+
+    def _orthogonalize(self, W: Tensor, lo: int, hi: int, second: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Classical Gram-Schmidt of the rows ``W`` against ``basis[lo:hi]``, one pass or two.
+
+        Returns the coefficients, the row norms after and (by Pythagoras, no pass over ``W``) before. The second pass:
+        ``"always"`` (a random vector against a basis that is only semi-orthogonal, ``BBᵀ = I + E``: one pass leaves
+        ``−E B W``, small only when ``B W`` was), ``"dgks"`` where a norm fell below ``1/√2`` of its value ("twice is
+        enough" against an orthonormal basis; Daniel, Gragg, Kaufman & Stewart 1976), or ``"never"`` (the caller
+        decides from its estimates).
+        """
+        if hi <= lo:
+            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+            return torch.zeros((0, W.shape[0]), dtype=torch.float64), after, after
+        h = self._project_out(W, lo, hi)
+        after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+        before = (h.pow(2).sum(dim=0) + after.pow(2)).sqrt()
+        if second == "always" or second == "dgks" and bool((after < _DGKS * before).any()):
+            h += self._project_out(W, lo, hi)
+            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+        return h, after, before
+
+    def _random_row(self, row: Tensor, hi: int) -> float:
+        """Fill ``row`` with a random vector orthogonal to ``basis[:hi]``; returns its norm."""
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        row.copy_(torch.randn(self.n, generator=self.generator, device=gen_device, dtype=row.dtype))
+        return float(self._orthogonalize(row[None], 0, hi, "always")[1][0])
+
+    def _normalize_block(self, W: Tensor, hi: int, norms: Tensor, scale: Tensor) -> tuple[Tensor, int, bool]:
+        """Orthonormalise the rows ``W`` (already orthogonal to ``basis[:hi]``) into ``basis[hi:]``.
+
+        ``norms`` are the rows' norms, ``scale`` what they are small against (about ``‖H x‖``). Returns ``R`` with
+        ``W = Rᵀ Q`` (rows), the number of rows kept and whether one was replaced: a row whose new part is at rounding
+        level (an invariant subspace, or a repeated eigenvalue seen twice) is replaced by a random vector orthogonal to
+        everything before it, with a zero diagonal in ``R``; when nothing orthogonal is left it is dropped instead.
+        """
+        bc = W.shape[0]
+        R = torch.zeros((bc, bc), dtype=torch.float64)
+        kept, replaced = 0, False
+        for c in range(bc):
+            w, out = W[c:c + 1], self.basis[hi + c:hi + c + 1]
+            nrm = float(norms[c])
+            if c > 0:
+                h, after, _ = self._orthogonalize(w, hi, hi + kept, "dgks")
+                R[:kept, c] = h[:, 0]
+                nrm = float(after[0])
+            if kept < c:  # the space is exhausted: earlier rows were dropped, so is this one
+                continue
+            if nrm > self.breakdown * max(float(scale[c]), self.anorm):
+                R[c, c] = nrm
+                torch.div(w, nrm, out=out)
+                kept += 1
+                continue
+            nrm = self._random_row(out[0], hi + c) if hi + c < self.n else 0.0
+            if nrm <= math.sqrt(self.eps):
+                continue  # nothing orthogonal is left
+            out.div_(nrm)
+            kept += 1
+            replaced = True
+        return R[:kept], kept, replaced
+
+    # -------------------------------------------------------------------------------- one block step
+    def _product(self, X: Tensor, slot: Tensor) -> Tensor:
+        """``H X`` as rows: the operator's own output for one vector (no copy), else written into ``slot``."""
+        if X.shape[0] == 1:
+            out = self.op.matvec(X[0])
+            if (out.dtype != slot.dtype or out.device != slot.device or not out.is_contiguous()
+                    or out.untyped_storage().data_ptr() == self.basis.untyped_storage().data_ptr()):
+                out = out.to(device=slot.device, dtype=slot.dtype, memory_format=torch.contiguous_format, copy=True)
+            return out[None]
+        if hasattr(self.op, "matmat"):
+            slot.copy_(self.op.matmat(X.T).T)
+        else:
+            for c in range(X.shape[0]):
+                slot[c].copy_(self.op.matvec(X[c]))
+        return slot
+
+    def expand(self) -> None:
+        """Multiply the residual block by ``H`` and append it to the basis (``bc`` products)."""
+        m, bc = self.m, self.bc
+        hi = m + bc
+        W = self._product(self.basis[m:hi], self.basis[hi:hi + bc])
+        self.num_matvecs += bc
+        coupled = torch.nonzero(self.G[:bc, :m].abs().sum(dim=0))
+        lo = int(coupled[0]) if len(coupled) else m
+        # local orthogonalisation: against X and the vectors H X couples to (the previous block, or after a restart
+        # every kept Ritz vector); the coefficients on X are the new diagonal block of T
+        om = self.omega
+        tiny = torch.finfo(torch.float64).tiny
+        h, after, before = self._orthogonalize(W, lo, hi, "never")
+        self.anorm = max(self.anorm, float(before.max()))
+        # what one pass leaves along the vectors it projected out: rounding, plus their own non-orthogonality times h;
+        # a second pass only where that exceeds √ε (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
+        E = (om[lo:hi, lo:hi] - torch.eye(hi - lo, dtype=torch.float64)).abs()
+        local = (self.eps * float(before.max()) + (E @ h.abs()).amax(dim=1)) / max(float(after.min()), tiny)
+        if float(local.max()) > self.delta:
+            h += self._project_out(W, lo, hi)
+            local.fill_(self.eps)
+        # the vectors the previous step reorthogonalised against: again now (Simon 1984: the next vector inherits their
+        # components through the recurrence)
+        again, self.reorth_next = self.reorth_next, []
+        for a, b in again:
+            self._project_out(W, a, b)
+        if again or float(local.max()) == self.eps:
+            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+        A = h[m - lo:]
+        T = self.T
+        T[m:hi, m:hi] = (A + A.T) / 2
+        T[m:hi, :m] = self.G[:bc, :m]
+        T[:m, m:hi] = self.G[:bc, :m].T
+        R, kept, replaced = self._normalize_block(W, hi, after, before)
+        new = slice(hi, hi + kept)
+        om[new, :] = 0.0
+        om[:, new] = 0.0
+        om[new, new] = torch.eye(kept, dtype=torch.float64)
+        est = torch.full((lo, kept), self.eps, dtype=torch.float64)
+        if lo > 0 and not replaced and kept == bc:
+            # partial reorthogonalisation (Simon 1984): estimate how far the new block drifted from the vectors it
+            # was not orthogonalised against, from the recurrence itself. For k < lo, H vₖ = Σⱼ T[j, k] vⱼ, so
+            # vₖᵀ W = Σⱼ T[j, k] ω[j, X] − Σ_{j local} ω[k, j] h[j, :], and W = Rᵀ Q (rows); plus rounding.
+            M = T[:hi, :lo].T @ om[:hi, m:hi] - om[:lo, lo:hi] @ h
+            est = torch.linalg.solve_triangular(R.T, M.T, upper=False).T
+            noise = _NOISE * self.eps * self.anorm / max(float(R.diagonal().abs().min()), tiny)
+            est = est + torch.where(est >= 0, noise, -noise)
+            for a, b in again:
+                est[a:b] = self.eps
+            if float(est.abs().max()) > self.delta:
+                # orthogonality is about to be lost: orthogonalise against the vectors whose estimate exceeds ε^¼ δ
+                # (Simon's "partial"), now and at the next step; the components are small, so one pass takes them to ε
+                runs = _runs(est.abs().amax(dim=1) > self.delta * self.eps ** 0.25)
+                Q = self.basis[new]
+                for a, b in runs:
+                    self._project_out(Q, a, b)
+                    est[a:b] = self.eps
+                norms = torch.linalg.vector_norm(Q, dim=1).to(device="cpu", dtype=torch.float64)
+                R2, kept, _ = self._normalize_block(Q, hi, norms, torch.ones(kept, dtype=torch.float64))
+                R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
+                self.reorth_next = runs
+                self.num_full += 1
+        elif lo > 0:
+            # a row was replaced or dropped (rare): orthogonalise the others against the whole basis too
+            Q = self.basis[new]
+            _, after, _ = self._orthogonalize(Q, 0, hi, "dgks")
+            R2, kept, _ = self._normalize_block(Q, hi, after, torch.ones(kept, dtype=torch.float64))
+            R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
+            local.fill_(self.eps)
+            self.num_full += 1
+        om[:lo, new], om[new, :lo] = est, est.T
+        om[lo:hi, new] = local[:, None]
+        om[new, lo:hi] = local[None, :]
+        self._append(m, hi, R, kept)
+
+    def _append(self, m: int, hi: int, R: Tensor, kept: int) -> None:
+        self.G.zero_()
+        self.G[:kept, m:hi] = R
+        self.m, self.bc = hi, kept
+
+    # -------------------------------------------------------------------------------- Ritz pairs and restarts
+    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values (ascending), their vectors in ``T`` and their residual norms ``‖G s‖`` (no products)."""
+        theta, S = torch.linalg.eigh(self.T[:self.m, :self.m])
+        res = torch.linalg.vector_norm(self.G[:self.bc, :self.m] @ S, dim=0)
+        self.anorm = max(self.anorm, float(theta.abs().max()))
+        return theta, S, res
+
+    def _orthonormalizer(self, gram: Tensor) -> Tensor:
+        """``L⁻ᵀ`` for the measured Gram matrix ``V Vᵀ = L Lᵀ`` of the active basis.
+
+        The basis is only semi-orthogonal (``|vᵢᵀ vⱼ| ≤ √ε``), so ``Vᵀ s`` is accurate to ``√ε`` only; ``T`` is,
+        to ``O(ε ‖H‖)``, the projection of ``H`` on the orthonormalised basis ``N = Vᵀ L⁻ᵀ`` (Simon 1984), whose Ritz
+        vectors ``N s`` have residuals ``‖G s‖`` to working precision.
+        """
+        try:
+            L = torch.linalg.cholesky(gram)
+        except RuntimeError:  # not positive definite: orthogonality is lost beyond repair, keep V as it is
+            return torch.eye(gram.shape[0], dtype=torch.float64)
+        return torch.linalg.solve_triangular(L.T, torch.eye(gram.shape[0], dtype=torch.float64), upper=True)
+
+    def _gram(self, rows: int) -> Tensor | None:
+        """The measured Gram matrix of ``basis[:rows]``, or None when the estimates put it within ``delta`` of ``I``.
+
+        Then correcting by it would change no residual beyond what the caller needs, and one pass is saved.
+        """
+        E = self.omega[:rows, :rows] - torch.eye(rows, dtype=torch.float64)
+        if rows == 0 or float(E.abs().max()) <= self.delta:
+            return None
+        return self._gram_rows(rows)
+
+    def _gram_rows(self, rows: int) -> Tensor:
+        """``basis[:rows] basis[:rows]ᵀ`` in float64, accumulated over cache-sized column chunks."""
+        gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.basis.device)
+        for c0 in range(0, self.n, _RESTART_CHUNK):
+            K = self.basis[:rows, c0:c0 + _RESTART_CHUNK]
+            gram += K @ K.T
+        return gram.cpu()
+
+    def _combine(self, C: Tensor, rows: int, out: Tensor) -> None:
+        """``out ← Cᵀ basis[:rows]`` for ``C`` of shape ``(rows, l)``, chunk by chunk over the columns.
+
+        Small, cache-sized GEMMs: one over the whole ``(rows, P)`` block is several times slower on a CPU. ``out`` may
+        be ``basis[:l]`` (each chunk is read before it is written); extra memory is ``l`` rows of one chunk.
+        """
+        cols, n = C.shape[1], self.n
+        Ct = C.T.to(device=self.basis.device, dtype=self.basis.dtype).contiguous()
+        buf = torch.empty(cols * min(_RESTART_CHUNK, n), dtype=self.basis.dtype, device=self.basis.device)
+        for c0 in range(0, n, _RESTART_CHUNK):
+            c1 = min(c0 + _RESTART_CHUNK, n)
+            chunk = buf[: cols * (c1 - c0)].view(cols, c1 - c0)
+            torch.mm(Ct, self.basis[:rows, c0:c1], out=chunk)
+            out[:, c0:c1] = chunk
+
+    def ritz_vectors(self, S: Tensor) -> Tensor:
+        """Unit Ritz vectors ``N S`` as the ``(P, columns of S)`` transpose of a row-major block."""
+        gram = self._gram(self.m)
+        C = S if gram is None else self._orthonormalizer(gram) @ S
+        Y = torch.empty((C.shape[1], self.n), dtype=self.basis.dtype, device=self.basis.device)
+        self._combine(C, self.m, Y)
+        Y /= torch.linalg.vector_norm(Y, dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+        return Y.T
+
+    def restart(self, theta: Tensor, S: Tensor, keep: Tensor) -> None:
+        """Thick restart (Wu & Simon 2000): keep the Ritz vectors ``keep`` and the residual block, nothing else.
+
+        ``V ← Sₖᵀ L⁻¹ V`` in place (orthonormal Ritz vectors, see :meth:`_orthonormalizer`; ``L = I`` when the basis
+        is orthogonal enough, and then the few new rows are measured instead), so that
+        ``H Vᵀ = Vᵀ diag(θₖ) + Xᵀ (G Sₖ)``: an arrowhead ``T`` that the next step orthogonalises against in full.
+        """
+        m, bc, kept = self.m, self.bc, len(keep)
+        gram = self._gram(m + bc)
+        Sk = S[:, keep] if gram is None else self._orthonormalizer(gram[:m, :m]) @ S[:, keep]
+        self._combine(Sk, m, self.basis[:kept])
+        for i in range(bc):  # the residual block moves down behind the kept vectors, row by row (kept < m)
+            self.basis[kept + i].copy_(self.basis[m + i])
+        if gram is None:  # the basis was orthogonal enough to keep Sₖᵀ V as it is: measure the few rows it now has
+            new = self._gram_rows(kept + bc)
+            YY, XY, XX = new[:kept, :kept], new[kept:, :kept], new[kept:, kept:]
+        else:  # orthonormal to working precision by construction
+            YY, XY, XX = torch.eye(kept, dtype=torch.float64), gram[m:, :m] @ Sk, gram[m:, m:]
+        G = self.G[:bc, :m] @ S[:, keep]
+        self.T.zero_()
+        self.T[:kept, :kept] = torch.diag(theta[keep])
+        self.G.zero_()
+        self.G[:bc, :kept] = G
+        om = self.omega
+        om.zero_()
+        om[:kept, :kept] = YY
+        om[kept:kept + bc, :kept] = XY
+        om[:kept, kept:kept + bc] = XY.T
+        om[kept:kept + bc, kept:kept + bc] = XX
+        om.diagonal().fill_(1.0)
+        self.m = kept
+        self.reorth_next = []
+
+
+def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, generator: torch.Generator | None,
+                 mix: float = 0.05) -> Tensor:
+    """``(b, P)`` start rows: random, or warm-start vectors plus ``mix`` of a random direction each.
+
+    The warm-start columns are summed round robin into ``b`` groups (all of them into one vector for ``b = 1``), so a
+    new direction is not missed and no start vector is wasted.
+    """
     n = op.shape[0]
-    z = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-    z = z / z.norm()
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    Z = torch.randn((b, n), generator=generator, device=gen_device, dtype=op.dtype).to(op.device)
+    Z /= torch.linalg.vector_norm(Z, dim=1, keepdim=True)
     if init is not None:
-        init = init.reshape(n, -1).to(device=op.device, dtype=op.dtype)
-        norms = init.norm(dim=0).clamp_min(torch.finfo(op.dtype).tiny)
-        w = (init / norms).sum(dim=1)
-        if float(w.norm()) > 0:
-            # mostly the warm start, plus a little of everything so a new direction is not missed
-            z = w / w.norm() + mix * z
-            z = z / z.norm()
-    return z
+        cols = init.reshape(n, -1).to(device=op.device, dtype=op.dtype)
+        cols = cols / torch.linalg.vector_norm(cols, dim=0).clamp_min(torch.finfo(op.dtype).tiny)
+        for c in range(min(b, cols.shape[1])):
+            w = cols[:, c::b].sum(dim=1)
+            norm = float(torch.linalg.vector_norm(w))
+            if norm > 0:
+                w = w / norm + mix * Z[c]
+                Z[c] = w / torch.linalg.vector_norm(w)
+    return Z
+
+
+def _check_tol(tol: Any) -> float:
+    value = float(tol) if isinstance(tol, numbers.Real) and not isinstance(tol, bool) else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"tol must be a finite positive number (a relative residual such as 1e-3), got {tol!r}.")
+    return value
+
+
+@dataclass
+class _KrylovRun:
+    values: Tensor  # (k,) wanted Ritz values, most wanted first
+    vectors: Tensor  # (P, k)
+    residuals: Tensor  # (k,) ‖H y − θ y‖
+    resolved: Tensor  # (k,) the stopping test
+    num_matvecs: int
+    spectrum: tuple[float, float] = (0.0, 0.0)  # the smallest and largest Ritz value of the last step
+
+
+def _krylov_schur(op: CurvatureOperator, start: Tensor, k: int, which: str, budget: int, tol: float, max_basis: int,
+                  generator: torch.Generator | None, scale_floor: float = 0.0) -> _KrylovRun:
+    """A thick-restart (block) Lanczos run from the start rows, until the ``k`` wanted pairs pass the test.
+
+    Stops earlier when the ``budget`` of products is spent.
+
+    ``scale_floor`` raises the test's ``|θ|`` to at least that value (the deflated check measures against ``θ_k``).
+    """
+    b = start.shape[0]
+    capacity = min(max_basis, op.shape[0] + 2 * b, budget + 2 * b)  # never more rows than can be filled
+    run = _BlockKrylovSchur(op, start, capacity, generator, op.dtype)
+    theta = S = res = None
+    while run.bc > 0 and run.num_matvecs + run.bc <= budget:
+        if run.m + 2 * run.bc > capacity:
+            assert theta is not None and S is not None
+            # keep the wanted vectors and a few more (half the basis at most): fewer kept means more new steps per
+            # restart, and a restart costs a pass over the basis
+            keep = min(capacity - 2 * run.bc, max(k + b, min((run.m + k) // 2, k + 5)))
+            run.restart(theta, S, _wanted_order(theta, which)[:keep])
+        run.expand()
+        theta, S, res = run.ritz()
+        order = _wanted_order(theta, which)[:k]
+        run.target = 0.1 * tol * float(_scale(theta, order, scale_floor).min())
+        if run.m >= k and bool(_resolved(theta, res, order, tol, scale_floor).all()):
+            break
+    if theta is None:  # nothing left to multiply: the start block spans no new direction
+        empty = torch.zeros(0, dtype=torch.float64)
+        return _KrylovRun(empty, torch.zeros((op.shape[0], 0), dtype=op.dtype, device=op.device), empty,
+                          torch.zeros(0, dtype=torch.bool), run.num_matvecs)
+    assert S is not None and res is not None
+    order = _wanted_order(theta, which)[:k]
+    return _KrylovRun(theta[order], run.ritz_vectors(S[:, order]), res[order],
+                      _resolved(theta, res, order, tol, scale_floor), run.num_matvecs,
+                      (float(theta.min()), float(theta.max())))
+
+
+class _Deflated:
+    """``Π H Π + σ Y Yᵀ`` with ``Π = I − Y Yᵀ`` for orthonormal ``Y``: ``H`` on the complement of the vectors found.
+
+    The found vectors are moved to ``σ``, a value at the unwanted end of the spectrum, so that what rounding leaves of
+    them is neither wanted nor in the way.
+    """
+
+    def __init__(self, op: CurvatureOperator, Y: Tensor, sigma: float) -> None:
+        self.op, self.sigma = op, sigma
+        self.Yt = Y.T.contiguous()
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        c = self.Yt @ v
+        w = self.op.matvec(v - self.Yt.T @ c)
+        return w - self.Yt.T @ (self.Yt @ w - self.sigma * c)
+
+
+def _beyond(value: float, kth: float, which: str, margin: float) -> bool:
+    """Whether ``value`` is more wanted than the ``k``-th answer ``kth`` by more than ``margin``."""
+    if which == "LA":
+        return value > kth + margin
+    if which == "SA":
+        return value < kth - margin
+    return abs(value) > abs(kth) + margin
 
 
 def lanczos(
@@ -433,33 +831,90 @@ def lanczos(
     tol: float = 1e-3,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
+    block_size: int = 1,
+    max_basis: int | None = None,
 ) -> EigenResult:
-    r"""Extreme eigenpairs by the Lanczos method with full reorthogonalisation.
+    r"""Extreme eigenpairs by thick-restart (block) Lanczos with partial reorthogonalisation.
 
-    Builds the Krylov basis ``Q = [q₁ … q_m]`` of ``span{q₁, H q₁, …, H^{m−1} q₁}`` with ``Qᵀ H Q = T`` tridiagonal
-    (Lanczos 1950), every new vector orthogonalised against the whole basis (so no spurious "ghost" copies of
-    converged eigenvalues appear; Paige 1971, Parlett 1980). Ritz pairs ``(θᵢ, Q sᵢ)`` from ``T sᵢ = θᵢ sᵢ`` have the
-    residual ``‖H y − θ y‖ = |β_m| |e_mᵀ sᵢ|`` for free; the run stops when the ``k`` wanted pairs all have
-    ``|β_m e_mᵀ sᵢ| ≤ tol · |θᵢ|``, or after ``max_iter`` products. For the same accuracy Lanczos needs far fewer
-    products than power iteration (its Krylov polynomial is optimal; power iteration uses ``t^m``) and it finds
-    the largest *algebraic* eigenvalues with ``which="LA"``, the sharpness, whatever the sign of the spectrum.
+    **Krylov space.** From an orthonormal start block ``X₀`` of ``b = block_size`` vectors (random, or warm-start
+    vectors plus 5% of a random direction), the Krylov space ``span{X₀, H X₀, H² X₀, …}`` is built as
+    ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V`` orthonormal, ``T = V H Vᵀ`` symmetric, ``X`` the next block (Lanczos 1950; block
+    form Golub & Underwood 1977). A Ritz pair ``(θᵢ, Vᵀ sᵢ)`` from ``T sᵢ = θᵢ sᵢ`` has the residual
+    ``‖H y − θ y‖ = ‖G sᵢ‖`` for free. Where the new part of a block is at rounding level (an invariant subspace),
+    it is replaced by a random vector orthogonal to the basis and the run goes on.
 
-    Memory: the basis holds ``m`` vectors of length ``P``.
+    **Bounded memory.** The basis never holds more than ``max_basis`` vectors: when it is full, a thick restart
+    (Wu & Simon 2000; equivalent to ARPACK's implicit restart with exact shifts; Krylov-Schur form of Stewart 2001)
+    keeps the ``max(k + block_size, min(k + 5, m / 2))`` most wanted Ritz vectors and the residual block,
+    ``T ← diag(θ)`` plus an arrowhead coupling, and the iteration goes on. Extra memory is ``max_basis`` vectors of
+    length ``P`` in one preallocated block, however many products ``max_iter`` allows.
+
+    **Cheap steps.** The product's output becomes the new vector in place. A step orthogonalises it only against the
+    vectors ``H X`` couples to (the previous block; after a restart, the kept Ritz vectors): one classical
+    Gram-Schmidt pass, a second only where what one pass leaves (rounding, plus those vectors' own non-orthogonality
+    times the coefficients) exceeds the threshold ``δ`` below; the "twice is enough" norm-drop test (Daniel, Gragg,
+    Kaufman & Stewart 1976) would fire at nearly every Lanczos step. The loss of orthogonality to the rest of the
+    basis is *estimated* from the recurrence itself (Simon 1984's ω-recurrence, written for a dense ``T``); when an
+    estimate exceeds ``δ``, the block is orthogonalised against the vectors whose estimate exceeds ``ε^¼ δ`` (Simon's
+    partial reorthogonalisation), then and at the next step. ``δ = √ε`` (semi-orthogonality) keeps ``T`` accurate to
+    ``O(ε ‖H‖)`` (Simon 1984), so no ghost copies appear, but Ritz vectors of such a basis are accurate to
+    ``√ε ‖H‖`` only: ``δ`` is lowered to what the tolerance needs (``0.1 tol |θ| / (‖H‖ √max_basis)``, at least
+    ``ε^¾``), and where the estimates still exceed it, Ritz vectors and restarts use the measured Gram matrix of the
+    basis (one pass) to orthonormalise it, so reported residuals are true ones to ``O(ε ‖H‖)``. The Ritz check after
+    each step is an ``eigh`` of a ``max_basis``-square matrix: microseconds, far below one product when
+    ``P ≫ max_basis²``.
+
+    **Stopping.** The run stops when each of the ``k`` wanted pairs has
+
+    .. math::
+        \|H y_i - \theta_i y_i\| \le \tau \, \min\bigl(|\theta_i|,\ \theta_{\max} - \theta_{\min}\bigr),
+        \qquad \tau = \min(\mathrm{tol},\ 0.1),
+
+    with ``θ_max − θ_min`` the spread of the current Ritz values, or when ``max_iter`` products are spent. The spread
+    makes the test shift-invariant, as the Krylov space is: on ``H + σI`` a relative residual alone is small after
+    one step whatever the vector, while a one-vector space (no spread yet) never passes. Residuals above 10% of
+    ``|θ|`` never pass, whatever ``tol``: they do not say which eigenvalue a vector is near.
+
+    **Convergence that means something.** A single start vector sees one direction of each eigenspace, so it cannot
+    find a repeated eigenvalue twice (a linear layer under MSE with ``o`` outputs has every eigenvalue ``o``-fold),
+    and its Ritz values can pass the test while a copy of an eigenvalue above the ``k``-th is missing. So
+    ``converged[i]`` is true only when every returned pair passed the test **and** the run has evidence that no
+    unreported eigenvalue lies beyond the ``k``-th:
+
+    - with ``block_size ≥ k``, the random start block sees every eigenspace of dimension ``≤ k`` in full (if ``λ_k``
+      has a higher multiplicity, ``k`` copies of it are still the answer);
+    - with ``block_size < k`` (the default for ``k > 1``, fewer products), a **deflated check**: a fresh random start
+      in the complement of the ``k`` vectors found, a Lanczos run on ``(I − YYᵀ) H (I − YYᵀ)`` until its own most
+      wanted Ritz pair passes the same test (scaled by ``max(|θ|, |θ_k|)``). If that value lies beyond ``θ_k``, an
+      eigenvalue was missed: it joins the found vectors, a block run of ``k + 1`` from them settles the ``k`` answers
+      with true residuals, and the check is repeated; otherwise the check is the evidence. Any multiplicity is found,
+      one copy per check.
+
+    Both rest on the random start having a component along every eigenvector (probability 1) that the Krylov
+    polynomial amplifies before a Ritz pair passes the test (the Kaniel-Paige-Saad bounds): a probabilistic
+    argument, as for any Krylov method. A warm start keeps only 5% of a random direction, so a new direction
+    orthogonal to the warm vectors is found later, and for ``k = 1`` (no check) can be missed.
 
     Args:
         op: an operator or a dense symmetric matrix.
         k: number of eigenpairs.
         which: ``"LA"`` largest algebraic (default), ``"SA"`` smallest algebraic (most negative), ``"LM"`` largest
             magnitude.
-        max_iter: maximum products (Krylov dimension); default ``max(4k + 30, 60)``, capped at ``P``.
-        tol: relative Ritz residual tolerance.
-        init: optional ``(P,)`` or ``(P, j)`` warm-start vectors (e.g. the previous estimate's eigenvectors); the
-            start vector is their normalised sum plus 5% of a random direction (so a new direction is not missed).
-        generator: source of the random start vector.
+        max_iter: maximum products, the check's included; default ``max(4k + 30, 60)`` when no check runs
+            (``block_size ≥ k``), ``max(12k + 60, 120)`` otherwise. Must be at least ``k``.
+        tol: relative residual tolerance ``‖H y − θ y‖ ≤ tol · |θ|``, a finite positive number (0.1 at most
+            counts, see Stopping).
+        init: optional ``(P,)`` or ``(P, j)`` warm-start vectors (e.g. the previous estimate's eigenvectors), summed
+            round robin into the ``block_size`` start vectors, each plus 5% of a random direction.
+        generator: source of every random vector (start block, checks, restarts after an invariant subspace).
+        block_size: vectors per block (products per step), default 1. ``≥ k`` finds multiplicities and clusters of
+            up to ``block_size`` eigenvalues in one run, without a check, at more products for well separated ones.
+        max_basis: most basis vectors held at once (memory: ``max_basis · P`` numbers); default
+            ``max(2k + 10, 20, k + 3 · block_size)``; at least ``k + 2 · block_size``.
 
     Returns:
         An :class:`EigenResult` sorted by ``which`` (``LA``: descending; ``SA``: ascending; ``LM``: descending
-        ``|λ|``), with true residuals ``‖H v − λ v‖ / |λ|``.
+        ``|λ|``), with residuals ``‖H v − λ v‖ / |λ|`` from the recurrence.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, -6.0, 3.0, 2.0], dtype=torch.float64))
@@ -468,53 +923,74 @@ def lanczos(
         [3.0, 2.0]
         >>> round(lanczos(A, which="SA", generator=torch.Generator().manual_seed(0)).eigenvalues.item(), 6)
         -6.0
+
+        A repeated top eigenvalue is found as often as it occurs:
+
+        >>> g = torch.Generator().manual_seed(1)
+        >>> Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+        >>> spectrum = torch.cat([torch.tensor([5.0, 5, 5]), torch.linspace(-1, 3, 37)]).double()
+        >>> A = Q @ torch.diag(spectrum) @ Q.T
+        >>> res = lanczos(A, k=3, tol=1e-8, max_iter=200, generator=torch.Generator().manual_seed(0))
+        >>> [round(lam, 6) for lam in res.eigenvalues.tolist()], bool(res.converged.all())
+        ([5.0, 5.0, 5.0], True)
     """
     op = as_operator(op)
     _check_positive_int("k", k)
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
-    if not (tol > 0):
-        raise ValueError(f"tol must be a positive float, got {tol!r}.")
+    tol = _check_tol(tol)
     n = op.shape[0]
     if k > n:
         raise ValueError(f"k={k} exceeds the operator's dimension {n}.")
+    b = _check_positive_int("block_size", block_size)
+    check = b < k
     if max_iter is None:
-        max_iter = max(4 * k + 30, 60)
+        max_iter = max(12 * k + 60, 120) if check else max(4 * k + 30, 60)
     _check_positive_int("max_iter", max_iter)
-    max_iter = max(min(max_iter, n), k)
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is smaller than k={k}: k eigenpairs take at least k products.")
+    if b > n or b * math.ceil(k / b) > max_iter:
+        raise ValueError(f"block_size={b} does not fit: it must be at most P={n}, and max_iter={max_iter} must allow "
+                         f"the ceil(k / block_size) = {math.ceil(k / b)} whole blocks that give k={k} Ritz pairs.")
+    if max_basis is None:
+        max_basis = max(2 * k + 10, 20, k + 3 * b)
+    _check_positive_int("max_basis", max_basis)
+    if max_basis < k + 2 * b:
+        raise ValueError(f"max_basis={max_basis} is below k + 2 * block_size = {k + 2 * b}: a restart keeps k Ritz "
+                         "vectors and needs room for the residual block and one more block.")
     if init is not None and (init.ndim not in (1, 2) or init.shape[0] != n):
         raise ValueError(f"init must have {n} rows, got shape {tuple(init.shape)}.")
+    tau = min(tol, CLAIM_TOL_CAP)
 
-    def converged(alpha: list[float], beta: list[float], last_beta: float) -> bool:
-        m = len(alpha)
-        if m < k:
-            return False
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)
-        idx = _select(theta, k, which)
-        res = last_beta * S[-1, idx].abs()
-        return bool((res <= tol * theta[idx].abs()).all())
-
-    q0 = _start_vector(op, init, generator)
-    dec = _lanczos_steps(op, q0, max_iter, generator, stop=converged)
-    theta, S = torch.linalg.eigh(dec.tridiagonal())
-    idx = _select(theta, k, which)
-    theta, S = theta[idx], S[:, idx]
-    vectors = dec.basis @ S
-    res = dec.last_beta * S[-1].abs()
-    scale = theta.abs()
-    rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(torch.float64).tiny),
-                      torch.where(res == 0, 0.0, math.inf))
-    return EigenResult(
-        eigenvalues=theta,
-        eigenvectors=vectors,
-        num_matvecs=dec.num_matvecs,
-        converged=rel <= tol,
-        residuals=rel,
-    )
+    run = _krylov_schur(op, _start_block(op, init, b, generator), k, which, max_iter, tau, max_basis, generator)
+    used, evidence = run.num_matvecs, not check
+    while check and bool(run.resolved.all()) and k < n:
+        kth = float(run.values[-1])
+        Y = torch.linalg.qr(run.vectors).Q  # Ritz vectors are orthonormal to √ε only; the deflation needs better
+        sigma = {"LA": run.spectrum[0], "SA": run.spectrum[1]}.get(which, 0.0)
+        start = _start_block(op, None, 1, generator)
+        start -= (start @ Y) @ Y.T
+        probe = _krylov_schur(_Deflated(op, Y, sigma), start, 1, which, max_iter - used, tau, max_basis, generator,
+                              scale_floor=abs(kth))
+        used += probe.num_matvecs
+        if probe.values.numel() == 0 or not bool(probe.resolved.all()):
+            break  # the budget ran out (or left no room for a product): no evidence
+        # a value within the tolerance of θ_k changes no answer beyond the tolerance
+        if not _beyond(float(probe.values[0]), kth, which, tau * abs(kth)):
+            evidence = True
+            break
+        # a missed eigenvalue: settle the k answers from the k + 1 vectors found, with true residuals, and check again
+        found = torch.cat([run.vectors, probe.vectors], dim=1).T
+        if max_iter - used < k + 1:
+            break
+        run = _krylov_schur(op, found, k, which, max_iter - used, tau, max(max_basis, 4 * k + 3), generator)
+        used += run.num_matvecs
+    evidence = evidence or k == n
+    scale = run.values.abs()
+    rel = torch.where(scale > 0, run.residuals / scale.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.where(run.residuals == 0, 0.0, math.inf))
+    return EigenResult(eigenvalues=run.values, eigenvectors=run.vectors, num_matvecs=used,
+                       converged=run.resolved & torch.tensor(evidence), residuals=rel)
 
 
 # ---------------------------------------------------------------------------------------------------- better traces
@@ -737,7 +1213,7 @@ def spectral_density(
     matvecs = 0
     for _ in range(num_probes):
         z = random_probes(n, 1, generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-        dec = _lanczos_steps(op, z / z.norm(), steps, generator, restart=False)
+        dec = _lanczos_steps(op, z / z.norm(), steps)
         matvecs += dec.num_matvecs
         theta, S = torch.linalg.eigh(dec.tridiagonal())
         w = S[0] ** 2
