@@ -196,6 +196,17 @@ def test_repeated_calls_for_one_step_count_once():
     assert done[1] == 800 and set(gaps(done)[1:]) == {400}
 
 
+def test_a_new_run_counting_from_zero_again_starts_with_an_estimate():
+    clock = FakeClock()
+    budget = CadenceBudget(0.05, clock=clock)
+    assert run(budget, clock, 1000)[:2] == [0, 800]
+    again = run(budget, clock, 2000)  # a second fit with the same budget: global_step from 0 again
+    assert again[0] == 0 and set(gaps(again)[1:]) == {400}  # the account, cost and step time carry over
+    fixed = CadenceBudget(None, min_every=100, clock=clock)
+    run(fixed, clock, 250)
+    assert run(fixed, clock, 250) == [0, 100, 200]
+
+
 def test_record_is_measure_with_the_callers_seconds():
     a_clock, b_clock = FakeClock(), FakeClock()
     a, b = CadenceBudget(0.05, clock=a_clock), CadenceBudget(0.05, clock=b_clock)

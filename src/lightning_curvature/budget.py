@@ -153,7 +153,8 @@ class CadenceBudget:
         """Mark the start of optimizer step ``step`` (before its estimate, if due); later calls for it do nothing.
 
         Measures the training time of the steps since the previous call, and at decision steps settles the account
-        (through ``reduce``) and plans :attr:`next_step`.
+        (through ``reduce``) and plans :attr:`next_step`. Steps only go forward; a step below the previous one starts
+        a new run there (its first grid step is due; the account, cost and step time carry over).
         """
         if step == self._seen:
             return
@@ -162,6 +163,8 @@ class CadenceBudget:
         if self._mark is not None and self._seen is not None and step > self._seen:
             self.pending_train += max(0.0, now - self._mark - self._excluded)
             self.pending_steps += step - self._seen
+        elif self._seen is not None and step < self._seen:  # the count went back (a new fit): start over there
+            self.next_step, self.last_step, self.next_review, self.inflight = step, None, None, 0.0
         self._seen, self._mark, self._excluded = step, now, 0.0
         due = step >= self.next_step and step % self.min_every == 0
         review = self.max_overhead is not None and self.next_review is not None and step >= self.next_review
