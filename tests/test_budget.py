@@ -254,10 +254,11 @@ def test_resume_takes_the_same_decisions(at):
 
 
 def test_processes_agree_through_reduce():
-    """Two "processes" (threads) with their own clocks, one 30% slower and noisy: an all-reduce (max) at the
-    decision steps makes them take the same decisions, and they call it at the same steps."""
+    """Two "processes" (threads) with their own clocks, one training 30% and estimating 50% slower (left alone they
+    would plan different gaps): an all-reduce (max) at the decision steps makes them take the same decisions, and
+    they call it at the same steps."""
     world = 2
-    barrier = threading.Barrier(world)
+    barrier = threading.Barrier(world, timeout=30)  # decisions that diverge break it instead of hanging
     slots: list[list[float]] = [[], []]
     calls: list[list[int]] = [[], []]
     results: list[list[int]] = [[], []]
@@ -280,11 +281,11 @@ def test_processes_agree_through_reduce():
     clocks = [make(r) for r in range(world)]
 
     def worker(rank):
-        scale = 1.0 if rank == 0 else 1.3
+        scale, dearer = (1.0, 1.0) if rank == 0 else (1.3, 1.5)
         results[rank] = run(budgets[rank], clocks[rank], 5000,
-                            train=lambda s: scale * 0.01 * (1 + 0.1 * math.sin(s)), cost=lambda s: scale * 0.2)
+                            train=lambda s: scale * 0.01 * (1 + 0.1 * math.sin(s)), cost=lambda s: dearer * 0.2)
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
