@@ -7,6 +7,9 @@ the order rotating each round) and repeated; the realised overhead is the median
 ``(time with) / (time without) - 1``, the times being the training loop only (``on_train_start`` to
 ``on_train_end``: no Trainer construction, no setup).
 
+``--long K`` adds, per model, interleaved pairs of runs (without, with the budget) of about K steady gaps of the
+budget (calibrated from a short run at the defaults), long enough for the budget to make several estimates.
+
 Also per model: the parameter count P, one gradient (forward + backward of the training loss, outside Lightning,
 median of 10), and the anatomy of an estimate at the defaults, from the runs with ``CurvatureMonitor()`` (the
 second and later estimates: warm-started; the first, cold one, apart): seconds, gradient units and products of the
@@ -24,6 +27,7 @@ Usage::
     python benchmarks/overhead.py --only mlp-1e5,cnn-1e5  # some of them
     python benchmarks/overhead.py --seconds 10 --repeats 2
     python benchmarks/overhead.py --threads 2             # torch and BLAS threads (default 2)
+    python benchmarks/overhead.py --no-main --long 3      # only the budget over runs of 3 steady gaps (long)
 
 stdout carries the markdown (``> benchmarks/overhead_results.md``); progress goes to stderr.
 """
@@ -253,9 +257,9 @@ def profile(cb: CurvatureMonitor) -> list[dict[str, float]]:
     estimate = cb.estimate
 
     @functools.wraps(estimate)
-    def estimate_and_record(*args: Any, **kwargs: Any) -> dict[str, float]:
-        records.append({})
-        out = estimate(*args, **kwargs)
+    def estimate_and_record(pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> dict[str, float]:
+        records.append({"step": pl_module.trainer.global_step})
+        out = estimate(pl_module, *args, **kwargs)
         if out:
             records[-1]["total"] = out["seconds"]
             records[-1]["total#"] = out["num_hvps"]
@@ -375,6 +379,34 @@ def measure(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     return {"spec": spec, "P": gradient.P, "grads": grads, "hvps": hvps, "steps": steps, "runs": runs, "loads": loads}
 
 
+def measure_long(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
+    """The budget over runs of ``--long`` steady gaps: interleaved pairs (without, budget).
+
+    The steady gap is calibrated first: a warm estimate's seconds (the defaults, ``--min-steps`` steps) over
+    ``max_overhead`` x the step time without the callback.
+    """
+    f = args.max_overhead
+    fit(spec, "defaults", 101, f)  # warm-up
+    base = fit(spec, "without", args.min_steps, f)
+    calib = fit(spec, "defaults", args.min_steps, f)
+    warm = statistics.median(e["total"] for e in calib.estimates[1:])
+    step = base.seconds / args.min_steps
+    gap = warm / (f * step)
+    steps = min(int(math.ceil(args.long * gap / 100) * 100), args.long_max_steps)
+    log(f"{spec.name} (long): warm estimate {warm:.2f} s, step {step * 1e3:.1f} ms, steady gap ~{gap:.0f} steps: "
+        f"{steps} steps per run")
+    runs: dict[str, list[Run]] = {"without": [], "budget": []}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.long_repeats):
+        for c in (("without", "budget") if r % 2 == 0 else ("budget", "without")):
+            run = fit(spec, c, steps, f)
+            runs[c].append(run)
+            log(f"{spec.name} long round {r + 1}: {c} {run.seconds:.1f} s, estimates at "
+                f"{[int(e['step']) for e in run.estimates]}")
+        loads.append(os.getloadavg()[0])
+    return {"spec": spec, "steps": steps, "gap": gap, "runs": runs, "loads": loads}
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def wall_overhead(result: dict[str, Any], config: str) -> float:
     """Median over rounds of (loop time with) / (without) - 1."""
@@ -419,6 +451,29 @@ def anatomy(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
            for e, g in warm]
     out["per_product"] = (statistics.median(per), 1.0)
     return out
+
+
+def report_long(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    rows = []
+    for res in results:
+        steps = [[int(e["step"]) for e in run.estimates] for run in res["runs"]["budget"]]
+        loads = res["loads"]
+        rows.append([
+            res["spec"].name, f"{res['gap']:,.0f}", res["steps"], "; ".join(", ".join(map(str, s)) for s in steps),
+            f"**{pct(wall_overhead(res, 'budget'))}**", pct(own_overhead(res, "budget")),
+            f"{min(loads):.1f}-{max(loads):.1f}",
+        ])
+    header = ["model", "calibrated steady gap, steps", "steps per run", "budget's estimates at (per run)",
+              "overhead, wall", "overhead, own", "load average"]
+    return "\n".join([
+        f"## The budget ({pct(args.max_overhead)}) over runs of about {args.long:g} steady gaps",
+        "",
+        "Steady gap: a warm estimate's seconds (from a `CurvatureMonitor()` run) over "
+        f"{args.max_overhead} x the step time without the callback. {args.long_repeats} interleaved pair(s) of runs "
+        "(without, `BudgetedMonitor`) of that many gaps; overheads as in the first table.",
+        "",
+        md_table(header, rows),
+    ])
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -489,6 +544,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--max-overhead", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--long", type=float, default=0.0,
+                        help="also run the budget over runs of this many steady gaps (0: not)")
+    parser.add_argument("--long-repeats", type=int, default=1, help="interleaved pairs of long runs")
+    parser.add_argument("--long-max-steps", type=int, default=20000)
+    parser.add_argument("--no-main", action="store_true", help="only the long runs")
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     bad = [n for n in names if n not in SPECS]
@@ -508,13 +568,23 @@ def main() -> None:
         info = machine_info(args).replace("python benchmarks/run.py", "python benchmarks/overhead.py")
         print(info.replace("- versions: ", "- versions (peers of run.py not used here): "))
         print(f"- models: {'; '.join(f'`{n}`: {SPECS[n].description}' for n in names)}")
-        print(f"- {args.repeats} interleaved rounds per model, about {args.seconds:g} s of training per run "
-              f"without the callback ({args.min_steps} to {args.max_steps} steps)")
+        if not args.no_main:
+            print(f"- {args.repeats} interleaved rounds per model, about {args.seconds:g} s of training per run "
+                  f"without the callback ({args.min_steps} to {args.max_steps} steps)")
+        if args.long > 0:
+            print(f"- long runs: {args.long_repeats} interleaved pair(s) of about {args.long:g} steady gaps each "
+                  f"(at most {args.long_max_steps} steps)")
         sys.stdout.flush()
-        results = []
+        results, long = [], []
         for name in names:
-            results.append(measure(SPECS[name], args))
-        print("\n" + report(results, args))
+            if not args.no_main:
+                results.append(measure(SPECS[name], args))
+            if args.long > 0:
+                long.append(measure_long(SPECS[name], args))
+        if results:
+            print("\n" + report(results, args))
+        if long:
+            print("\n" + report_long(long, args))
         print(f"\nTotal {time.perf_counter() - start:.0f} s; load average at the end: {os.getloadavg()[0]:.2f}.")
 
 
