@@ -1,25 +1,24 @@
 """Training-time overhead of ``CurvatureMonitor`` on compute-bound models (CPU), with and without a cadence budget.
 
 For every model: ``trainer.fit`` on synthetic data without the callback, with ``CurvatureMonitor()`` at its defaults
-(on this branch ``every_n_train_steps=100``) and with ``BudgetedMonitor`` (the callback's defaults, its cadence set
-by :class:`~lightning_curvature.budget.CadenceBudget` at ``--max-overhead``). Runs are interleaved (round robin,
-the order rotating each round) and repeated; the realised overhead is the median over rounds of
-``(time with) / (time without) - 1``, the times being the training loop only (``on_train_start`` to
-``on_train_end``: no Trainer construction, no setup).
+(the cadence of the ``max_overhead=0.05`` budget, :class:`~lightning_curvature.budget.CadenceBudget`; another share
+with ``--max-overhead``) and with ``CurvatureMonitor(every_n_train_steps=100)`` (the same estimates at a fixed
+cadence). Runs are interleaved (round robin, the order rotating each round) and repeated; the realised overhead is the
+median over rounds of ``(time with) / (time without) - 1``, the times being the training loop only
+(``on_train_start`` to ``on_train_end``: no Trainer construction, no setup).
 
-``--long K`` adds, per model, interleaved pairs of runs (without, with the budget) of about K steady gaps of the
-budget (calibrated from a short run at the defaults), long enough for the budget to make several estimates.
+``--long K`` adds, per model, interleaved pairs of runs (without, at the defaults) of about K steady gaps of the
+budget (calibrated from a short run at ``every_n_train_steps=100``), long enough for the budget to make several
+estimates.
 
 Also per model: the parameter count P, one gradient (forward + backward of the training loss, outside Lightning,
-median of 10), and the anatomy of an estimate at the defaults, from the runs with ``CurvatureMonitor()`` (the
-second and later estimates: warm-started; the first, cold one, apart): seconds, gradient units and products of the
-top eigenvalue (Lanczos), the trace (deflated Hutchinson), the curvature along the gradient and the last update,
-the ``eos`` ratio, and the rest (building the operator: the loss and its first-order graph, isolation, logging).
+median of 10), and the anatomy of an estimate at the defaults, from the ``every_n_train_steps=100`` runs (the second
+and later estimates: warm-started; the first, cold one, apart): seconds, gradient units and products of the top
+eigenvalue (Lanczos), the trace (deflated Hutchinson), the curvature along the gradient and the last update, the
+``eos`` ratio, and the rest (building the operator: the loss and its first-order graph, isolation, logging).
 
-**Glue kept in benchmarks/.** ``BudgetedMonitor`` below is a subclass of ``CurvatureMonitor`` that takes its cadence
-from a ``CadenceBudget`` (the wiring proposed for ``callback.py``, simplified: no gradient accumulation, no
-``data="fixed"``, no checkpointing of the budget). The anatomy wraps the measurement plan's methods on the
-callback instance. Neither changes the library.
+The anatomy wraps the measurement plan's methods on the callback instance (benchmark-only instrumentation; it
+changes nothing in the library).
 
 Usage::
 
@@ -59,7 +58,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import log, machine_info, md_table  # noqa: E402
 
 from lightning_curvature import CurvatureMonitor, HessianOperator, module_loss_fn  # noqa: E402
-from lightning_curvature._lightning import differentiated_parameters  # noqa: E402
 from lightning_curvature.budget import CadenceBudget  # noqa: E402
 
 PARTS = ("eigenvalues", "trace", "grad_curvature", "eos", "rest")
@@ -181,53 +179,6 @@ SPECS = {
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
-class BudgetedMonitor(CurvatureMonitor):
-    """``CurvatureMonitor`` with its cadence from a :class:`CadenceBudget` (benchmark glue, see the module docstring).
-
-    The proposed ``on_train_batch_start`` of the callback, without gradient accumulation and ``data="fixed"``.
-    """
-
-    def __init__(self, max_overhead: float | None = 0.05, min_every: int = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.budget = CadenceBudget(max_overhead, min_every=min_every)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if self.boundary.disabled or trainer.sanity_checking:
-            return
-        step = trainer.global_step
-        if step == self._seen_step:
-            return
-        self._seen_step = step
-        budget = self.budget
-        budget.on_step(step)
-        due = budget.due(step)
-        previous = None
-        if due and self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
-            previous = self._update_snapshot[1]
-        if "grad_curvature" in self.options.metrics and budget.next_step == step + 1:
-            self.boundary.run(lambda: self._remember_weights(trainer, pl_module, step), rearm=False)
-        elif due:
-            self._update_snapshot = None
-        if not due:
-            return
-        self._last_step = step
-        params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        with budget.measure():
-            values = self.estimate(pl_module, [(batch, batch_idx)], optimizer=optimizer, previous_params=previous,
-                                   params=params)
-            if values:
-                values["every"] = float(budget.every or 0)
-                self.boundary.run(lambda: self._log(trainer, values), rearm=False)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.budget.pause()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.budget.resume()
-
-
 def profile(cb: CurvatureMonitor) -> list[dict[str, float]]:
     """Time the plan's parts on this callback instance: one dict per estimate, ``{part: seconds, part + "#": products,
     "total": seconds, "total#": products}``; nested calls count in the outermost part."""
@@ -300,10 +251,10 @@ def fit(spec: Spec, config: str, steps: int, max_overhead: float) -> Run:
                         generator=torch.Generator().manual_seed(0))
     watch = Stopwatch()
     cb: CurvatureMonitor | None = None
-    if config == "defaults":
-        cb = CurvatureMonitor()
-    elif config == "budget":
-        cb = BudgetedMonitor(max_overhead=max_overhead)
+    if config == "every100":
+        cb = CurvatureMonitor(every_n_train_steps=100)
+    elif config == "defaults":  # the cadence of the max_overhead budget (5% unless --max-overhead says otherwise)
+        cb = CurvatureMonitor() if max_overhead == 0.05 else CurvatureMonitor(max_overhead=max_overhead)
     records = profile(cb) if cb is not None else []
     trainer = pl.Trainer(
         max_steps=steps, callbacks=[watch, *([cb] if cb else [])], logger=False, enable_progress_bar=False,
@@ -314,7 +265,7 @@ def fit(spec: Spec, config: str, steps: int, max_overhead: float) -> Run:
         warnings.simplefilter("ignore")
         trainer.fit(module, loader)
     run = Run(watch.seconds, records)
-    if isinstance(cb, BudgetedMonitor):
+    if config == "defaults" and cb is not None:
         run.budget = cb.budget
     return run
 
@@ -362,11 +313,11 @@ def measure(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     steps = int(min(max(args.seconds / step, args.min_steps), args.max_steps))
     steps = max(100, steps // 100 * 100)
     log(f"{spec.name}: ~{step * 1e3:.1f} ms per step: {steps} steps per run")
-    configs = ("without", "defaults", "budget")
+    configs = ("without", "every100", "defaults")
     runs: dict[str, list[Run]] = {c: [] for c in configs}
     grads, hvps = [], []
     loads = [os.getloadavg()[0]]
-    fit(spec, "defaults", 101, args.max_overhead)  # warm-up: first calls into autograd's double backward
+    fit(spec, "every100", 101, args.max_overhead)  # warm-up: first calls into autograd's double backward
     for r in range(args.repeats):
         grads.append(gradient.seconds())
         hvps.append(gradient.hvp_seconds() / grads[-1])
@@ -386,19 +337,19 @@ def measure_long(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     ``max_overhead`` x the step time without the callback.
     """
     f = args.max_overhead
-    fit(spec, "defaults", 101, f)  # warm-up
+    fit(spec, "every100", 101, f)  # warm-up
     base = fit(spec, "without", args.min_steps, f)
-    calib = fit(spec, "defaults", args.min_steps, f)
+    calib = fit(spec, "every100", args.min_steps, f)
     warm = statistics.median(e["total"] for e in calib.estimates[1:])
     step = base.seconds / args.min_steps
     gap = warm / (f * step)
     steps = min(int(math.ceil(args.long * gap / 100) * 100), args.long_max_steps)
     log(f"{spec.name} (long): warm estimate {warm:.2f} s, step {step * 1e3:.1f} ms, steady gap ~{gap:.0f} steps: "
         f"{steps} steps per run")
-    runs: dict[str, list[Run]] = {"without": [], "budget": []}
+    runs: dict[str, list[Run]] = {"without": [], "defaults": []}
     loads = [os.getloadavg()[0]]
     for r in range(args.long_repeats):
-        for c in (("without", "budget") if r % 2 == 0 else ("budget", "without")):
+        for c in (("without", "defaults") if r % 2 == 0 else ("defaults", "without")):
             run = fit(spec, c, steps, f)
             runs[c].append(run)
             log(f"{spec.name} long round {r + 1}: {c} {run.seconds:.1f} s, estimates at "
@@ -432,7 +383,7 @@ def anatomy(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
     "cold": the first estimate's; "total": the warm estimate's."""
     warm: list[tuple[dict[str, float], float]] = []
     cold: list[tuple[dict[str, float], float]] = []
-    for run, grad in zip(result["runs"]["defaults"], result["grads"]):
+    for run, grad in zip(result["runs"]["every100"], result["grads"]):
         warm += [(e, grad) for e in run.estimates[1:]]
         cold += [(e, grad) for e in run.estimates[:1]]
     out = {}
@@ -456,11 +407,11 @@ def anatomy(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
 def report_long(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     rows = []
     for res in results:
-        steps = [[int(e["step"]) for e in run.estimates] for run in res["runs"]["budget"]]
+        steps = [[int(e["step"]) for e in run.estimates] for run in res["runs"]["defaults"]]
         loads = res["loads"]
         rows.append([
             res["spec"].name, f"{res['gap']:,.0f}", res["steps"], "; ".join(", ".join(map(str, s)) for s in steps),
-            f"**{pct(wall_overhead(res, 'budget'))}**", pct(own_overhead(res, "budget")),
+            f"**{pct(wall_overhead(res, 'defaults'))}**", pct(own_overhead(res, "defaults")),
             f"{min(loads):.1f}-{max(loads):.1f}",
         ])
     header = ["model", "calibrated steady gap, steps", "steps per run", "budget's estimates at (per run)",
@@ -470,7 +421,7 @@ def report_long(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "Steady gap: a warm estimate's seconds (from a `CurvatureMonitor()` run) over "
         f"{args.max_overhead} x the step time without the callback. {args.long_repeats} interleaved pair(s) of runs "
-        "(without, `BudgetedMonitor`) of that many gaps; overheads as in the first table.",
+        "(without, `CurvatureMonitor()`) of that many gaps; overheads as in the first table.",
         "",
         md_table(header, rows),
     ])
@@ -483,25 +434,25 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         spec, grad = res["spec"], statistics.median(res["grads"])
         a = anatomy(res)
         step = statistics.median(b.seconds / res["steps"] / g for b, g in zip(res["runs"]["without"], res["grads"]))
-        last = res["runs"]["budget"][-1].budget
+        last = res["runs"]["defaults"][-1].budget
         assert last is not None
         gap = (last.cost or float("nan")) / (f * (last.step_seconds or float("nan")))
         n_default = statistics.median(len(r.estimates) for r in res["runs"]["defaults"])
-        n_budget = statistics.median(len(r.estimates) for r in res["runs"]["budget"])
+        n_every = statistics.median(len(r.estimates) for r in res["runs"]["every100"])
         loads = res["loads"]
         rows.append([
             spec.name, f"{res['P']:,}", f"{grad * 1e3:.1f}", f"{step:.2f}", res["steps"],
             f"{a['cold'][0]:.0f} ({a['cold'][1]:.0f})", f"{a['total'][0]:.0f} ({a['total'][1]:.0f})",
             f"{statistics.median(res['hvps']):.2f} / {a['per_product'][0]:.2f}",
             f"**{pct(wall_overhead(res, 'defaults'))}** / {pct(own_overhead(res, 'defaults'))} ({n_default:g})",
-            f"**{pct(wall_overhead(res, 'budget'))}** / {pct(own_overhead(res, 'budget'))} ({n_budget:g})",
+            f"{pct(wall_overhead(res, 'every100'))} / {pct(own_overhead(res, 'every100'))} ({n_every:g})",
             f"{gap:,.0f}", f"{min(loads):.1f}-{max(loads):.1f}",
         ])
         anat.append([spec.name, *[f"{a[p][0]:.1f} ({a[p][1]:.0f})" for p in (*PARTS, "total")]])
     header = ["model", "P", "gradient, ms", "train step, units", "steps per run", "cold estimate, units (HVPs)",
               "warm estimate, units (HVPs)", "HVP alone / in the estimate, units",
-              "overhead at the defaults: wall / own (estimates)",
-              f"overhead with the budget ({pct(f)}): wall / own (estimates)", "budget's steady gap, steps",
+              f"overhead at the defaults (budget {pct(f)}): wall / own (estimates)",
+              "overhead at `every_n_train_steps=100`: wall / own (estimates)", "budget's steady gap, steps",
               "load average"]
     anat_header = ["model", *[f"{p}, units (HVPs)" for p in PARTS], "total, units (HVPs)"]
     return "\n".join([
@@ -514,9 +465,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "weight snapshot for `update_curvature`). HVP alone: one double-backward product through a graph built "
         "beforehand; in the estimate: the seconds of the parts that make products (eigenvalues, trace, "
         "grad_curvature) over their products, bookkeeping (probes, orthogonalisation, Ritz vectors) included. "
-        "Defaults: `CurvatureMonitor()` (`every_n_train_steps=100`; "
-        "metrics trace, eigenvalues, eos, grad_curvature). Budget: `BudgetedMonitor(max_overhead="
-        f"{f})`, the defaults with the cadence of a `CadenceBudget` (benchmark glue). The budget measures step 0 and "
+        "Defaults: `CurvatureMonitor()` (metrics trace, eigenvalues, eos, grad_curvature; the cadence of the "
+        f"`max_overhead={f}` budget). `every_n_train_steps=100`: the same estimates at a fixed cadence. The budget "
+        "measures step 0 and "
         "pays it back, so a run shorter than about twice the steady gap holds the step-0 estimate only, and its "
         "overhead is that (cold) estimate over the run. Steady gap: the budget's predicted cost over "
         f"{f} x its measured step time, at the end of the last run. Estimates per run in parentheses; the load "
@@ -526,8 +477,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "## Anatomy of a warm estimate at the defaults",
         "",
-        "Median over the second and later estimates of the default runs, in gradient units (products in "
-        "parentheses). eigenvalues: Lanczos top-1, warm-started, tol 1e-3; trace: deflated Hutchinson, rtol 0.05, "
+        "Median over the second and later estimates of the `every_n_train_steps=100` runs, in gradient units "
+        "(products in parentheses). eigenvalues: Lanczos top-1, warm-started, tol 1e-3; trace: deflated Hutchinson, "
+        "rtol 0.05, "
         "at most 20 probes; grad_curvature: gᵀHg/‖g‖² and uᵀHu/‖u‖²; eos: the SGD threshold (no product); rest: "
         "building the operator (the loss and its first-order graph), isolation, logging.",
         "",

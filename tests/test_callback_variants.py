@@ -106,7 +106,7 @@ def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
     assert sorted(full) == [0, 2, 4, 6, 8] and sorted(resumed) == [4, 6, 8]
     for step in resumed:
         for k, v in resumed[step].items():
-            if k.startswith("curvature/") and k != "curvature/seconds" and v != "":
+            if k.startswith("curvature/") and k not in ("curvature/seconds", "curvature/overhead") and v != "":
                 assert float(v) == float(full[step][k]), (step, k)  # generator, warm starts and batches restored
 
 
@@ -197,3 +197,104 @@ def test_accumulation_measures_the_whole_steps_objective(tmp_path, accumulation,
     assert cb.last_metrics["eig_1"] == pytest.approx(float(expected[0]), rel=1e-7)
     assert cb.last_metrics["eig_2"] == pytest.approx(float(expected[1]), rel=1e-7)
     assert cb.last_metrics["loss"] == pytest.approx(op.loss, rel=1e-10)
+
+
+# ---------------------------------------------------------------- cadence budget (fake clock)
+class _FakeTime(pl.Callback):
+    """A clock that only moves when told: ``train`` seconds per training batch, ``val`` per validation batch."""
+
+    def __init__(self, train=1.0, val=0.0):
+        self.now, self.train, self.val = 0.0, train, val
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, *args):
+        self.now += self.train
+
+    def on_validation_batch_end(self, *args):
+        self.now += self.val
+
+
+class _ValNet(Net):
+    def validation_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def _budgeted_run(tmp_path, cb, steps, estimate_seconds, val_seconds=0.0, name="run"):
+    """Fit with a fake clock: every training batch takes 1 s, every estimate ``estimate_seconds``."""
+    clock = _FakeTime(val=val_seconds)
+    cb.budget.clock = clock
+    real = cb.estimate
+
+    def estimate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        clock.now += estimate_seconds
+        return out
+
+    cb.estimate = estimate
+    logger = CSVLogger(tmp_path, name=name)
+    val = {"val_check_interval": 10, "limit_val_batches": 2, "num_sanity_val_steps": 0} if val_seconds else {
+        "limit_val_batches": 0}
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[clock, cb], logger=logger, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                         accelerator="cpu", **val)
+    loader = DataLoader(make_data(), batch_size=4, shuffle=True)
+    trainer.fit(_ValNet(dropout=0.0), loader, *([DataLoader(make_data(1), batch_size=32)] if val_seconds else []))
+    rows = rows_with(read_csv(logger), "curvature/lambda_max")
+    return [int(r["step"]) for r in rows], rows
+
+
+def _simulated_steps(budget, steps, estimate_seconds):
+    """The steps a bare CadenceBudget picks when every step takes 1 s and every estimate ``estimate_seconds``."""
+    now = [0.0]
+    budget.clock = lambda: now[0]
+    picked = []
+    for step in range(steps):
+        budget.on_step(step)
+        if budget.due(step):
+            picked.append(step)
+            with budget.measure():
+                now[0] += estimate_seconds
+        now[0] += 1.0
+    return picked
+
+
+def _cheap(**kw):
+    return CurvatureMonitor(metrics=["eigenvalues"], max_iter=8, tol=1e-2, **kw)
+
+
+def test_default_cadence_keeps_estimates_within_the_overhead_budget(tmp_path):
+    from lightning_curvature.budget import CadenceBudget
+
+    cb = _cheap()
+    assert cb.every_n_train_steps is None and cb.budget.max_overhead == 0.05
+    # 1 s per step, 2 s per estimate: 5% allows one estimate per 40 steps once the first (cold) one is paid back
+    steps, rows = _budgeted_run(tmp_path, cb, 200, estimate_seconds=2.0)
+    expected = _simulated_steps(CadenceBudget(0.05), 200, 2.0)
+    assert steps == expected and steps[0] == 0 and len(steps) >= 4
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(g >= 40 for g in gaps) and gaps[-1] <= 41  # never more often than 5% allows; the steady gap is 40
+    assert [float(r["curvature/every_n_steps"]) for r in rows[1:]] == gaps  # the effective cadence is logged
+    overheads = [float(r["curvature/overhead"]) for r in rows[1:]]
+    assert overheads[-1] == pytest.approx(2.0 * (len(steps) - 1) / steps[-1], rel=1e-9)  # estimates / training
+    assert overheads[-1] <= 0.05 + 2.0 / steps[-1]  # within the budget, up to the estimate in flight
+
+
+def test_validation_time_is_not_training_time_for_the_budget(tmp_path):
+    plain, _ = _budgeted_run(tmp_path, _cheap(), 120, estimate_seconds=2.0, name="plain")
+    slow_val, _ = _budgeted_run(tmp_path, _cheap(), 120, estimate_seconds=2.0, val_seconds=50.0, name="val")
+    assert slow_val == plain  # 100 s of validation every 10 steps would otherwise buy an estimate at every step
+
+
+def test_explicit_cadence_is_exact_and_a_budget_only_when_asked(tmp_path):
+    from lightning_curvature.budget import CadenceBudget
+
+    exact, rows = _budgeted_run(tmp_path, _cheap(every_n_train_steps=7), 50, estimate_seconds=100.0, name="exact")
+    assert exact == list(range(0, 50, 7))  # 100 s estimates against 1 s steps: still exactly every 7
+    assert [float(r["curvature/every_n_steps"]) for r in rows[1:]] == [7.0] * (len(exact) - 1)
+    both, _ = _budgeted_run(tmp_path, _cheap(every_n_train_steps=5, max_overhead=0.1), 120, estimate_seconds=2.0,
+                            name="both")
+    assert both == _simulated_steps(CadenceBudget(0.1, min_every=5), 120, 2.0)
+    assert all(s % 5 == 0 for s in both) and all(b - a >= 20 for a, b in zip(both, both[1:]))

@@ -59,7 +59,8 @@ def test_schema_target_builds_the_callback():
     assert cfg._target_ == "lightning_curvature.CurvatureMonitor"
     cb = instantiate(cfg)
     assert isinstance(cb, CurvatureMonitor)
-    assert cb.every_n_train_steps == 100 and tuple(cb.metrics) == CurvatureMonitorConfig.metrics
+    assert cb.every_n_train_steps is None and cb.options.budget_overhead == 0.05
+    assert tuple(cb.metrics) == CurvatureMonitorConfig.metrics
 
 
 def test_config_module_imports_neither_hydra_nor_lightning():

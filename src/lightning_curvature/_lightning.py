@@ -49,6 +49,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The element-wise maximum of ``values`` over every process (one all-reduce; every process must call it)."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
 def is_sharded(strategy: Any) -> bool:
     """Whether the strategy shards the parameters across processes (FSDP2 through ``ModelParallelStrategy``)."""
     return type(strategy).__name__ == "ModelParallelStrategy"

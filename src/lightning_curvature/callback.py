@@ -8,6 +8,7 @@ What is measured lives in :mod:`~lightning_curvature.plan` (plain torch), how a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +29,10 @@ from ._lightning import (
     differentiated_parameters,
     draw_fixed_batches,
     is_sharded,
+    max_over_ranks,
     world_size,
 )
+from .budget import CadenceBudget
 from .isolation import ErrorBoundary, NonFiniteError, isolated
 from .operators import HVPUnsupportedError
 from .options import DEFAULT_METRICS, MonitorOptions, args_doc
@@ -74,11 +77,15 @@ class CurvatureMonitor(Callback):
     (bad values) or at setup (``top_k`` larger than the number of parameters, a module name that does not exist,
     ``data="fixed"`` asking for more batches than the loader has).
 
-    **When.** At the start of every training batch whose ``trainer.global_step`` (optimizer steps taken so far) is a
-    multiple of ``every_n_train_steps``, once per optimizer step, never during sanity checking or validation. With
+    **When.** At the start of a training batch, once per optimizer step, never during sanity checking or
+    validation; step 0 (the initial weights) is measured. By default the cadence is a budget: the callback times its
+    estimates and the training between them and stretches the gap so that estimates take at most ``max_overhead``
+    (5%) of the training wall time (:class:`~lightning_curvature.budget.CadenceBudget`; the gap is logged as
+    ``every_n_steps``, the share so far as ``overhead``). With ``every_n_train_steps=n`` the estimates come exactly at
+    every multiple of ``n`` of ``trainer.global_step`` (optimizer steps taken so far). With
     gradient accumulation the estimate measures the whole step's objective at its last micro-batch (see
-    ``accumulation``). Step 0 (the initial
-    weights) is measured. Values go to every attached logger at the step the loss of that batch is logged at, and
+    ``accumulation``). Under DDP every process takes the same decisions (the slowest process's times). The
+    values go to every attached logger at the step the loss of that batch is logged at, and
     into ``trainer.callback_metrics`` (so ``ModelCheckpoint``/``EarlyStopping`` can monitor them).
 
     **The loss.** By default the callback calls ``training_step`` as Lightning does (with the batch index whenever
@@ -98,7 +105,8 @@ class CurvatureMonitor(Callback):
 
     def __init__(
         self,
-        every_n_train_steps: int = 100,
+        every_n_train_steps: int | None = None,
+        max_overhead: float | None = None,
         top_k: int = 1,
         num_probes: int = 20,
         trace_rtol: float | None = 0.05,
@@ -140,6 +148,7 @@ class CurvatureMonitor(Callback):
         self._sharded = False  # FSDP2: finite differences of the strategy's own (already averaged) gradients
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
+        self.budget = CadenceBudget(self.options.budget_overhead, min_every=self.options.every_n_train_steps or 1)
         self.last_metrics: dict[str, float] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -182,6 +191,7 @@ class CurvatureMonitor(Callback):
             "update_snapshot": None if snapshot is None else {k: v.cpu() for k, v in snapshot[1].items()},
             "disabled": self.boundary.disabled,
             "first_order": self._first_order,
+            "budget": self.budget.state_dict(),
         }
 
     @override
@@ -197,6 +207,8 @@ class CurvatureMonitor(Callback):
             int(state_dict["update_snapshot_step"]), snapshot)
         self.boundary.disabled = bool(state_dict.get("disabled", False))
         self._first_order = bool(state_dict.get("first_order", False))
+        if isinstance(state_dict.get("budget"), dict):
+            self.budget.load_state_dict(state_dict["budget"])
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -245,6 +257,8 @@ class CurvatureMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if world_size() > 1:  # every process must take the same cadence decisions
+            self.budget.reduce = functools.partial(max_over_ranks, device=pl_module.device)
         if self.options.data == "fixed" and self._fixed_batches is None:
             self._fixed_batches = draw_fixed_batches(trainer, pl_module, self.options.num_batches, self.options.seed)
 
@@ -255,8 +269,9 @@ class CurvatureMonitor(Callback):
         if self.boundary.disabled or trainer.sanity_checking:
             return
         o = self.options
-        step, n = trainer.global_step, o.every_n_train_steps
-        due = step % n == 0 and step != self._last_step
+        step, budget = trainer.global_step, self.budget
+        budget.on_step(step)  # the training time since the previous step; decides whether this step is due
+        due = budget.due(step) and step != self._last_step
         whole_step = o.accumulation == "step" and o.data == "current" and trainer.accumulate_grad_batches > 1
         if whole_step:  # collect the step's micro-batches; measure at the last one, before the optimizer moves
             if step != self._micro_step:
@@ -271,7 +286,7 @@ class CurvatureMonitor(Callback):
         previous = None
         if due and self._update_snapshot is not None and self._update_snapshot[0] == step - 1:
             previous = self._update_snapshot[1]
-        if "grad_curvature" in o.metrics and (step + 1) % n == 0:  # the weights before this step, for the next
+        if "grad_curvature" in o.metrics and budget.next_step == step + 1:  # the weights before this step, for the next
             self.boundary.run(lambda: self._remember_weights(trainer, pl_module, step), rearm=False)
         elif due:
             self._update_snapshot = None
@@ -288,13 +303,26 @@ class CurvatureMonitor(Callback):
             batches = [(batch, batch_idx)]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         params = differentiated_parameters(pl_module, trainer.optimizers, o.parameters)
-        values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous,  # type: ignore
-                               params=params, weights=weights)
-        if world_size() > 1:  # every process decides together, or the collectives would hang
-            self.boundary.disabled = any_rank(self.boundary.disabled, pl_module.device)
-            self._first_order = any_rank(self._first_order, pl_module.device)
-        if values:
-            self.boundary.run(lambda: self._log(trainer, values), rearm=False)
+        with budget.measure():  # its seconds are the estimate's, not training's
+            values = self.estimate(pl_module, batches, optimizer=optimizer, previous_params=previous,  # type: ignore
+                                   params=params, weights=weights)
+            if world_size() > 1:  # every process decides together, or the collectives would hang
+                self.boundary.disabled = any_rank(self.boundary.disabled, pl_module.device)
+                self._first_order = any_rank(self._first_order, pl_module.device)
+            if values:
+                if budget.every is not None:
+                    values["every_n_steps"] = float(budget.every)
+                if budget.overhead is not None:
+                    values["overhead"] = budget.overhead
+                self.boundary.run(lambda: self._log(trainer, values), rearm=False)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.pause()  # validation is neither training nor estimate time
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.resume()
 
     def _remember_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)

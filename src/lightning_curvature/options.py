@@ -56,6 +56,7 @@ MODES: tuple[str, ...] = ("eval", "train")
 ACCUMULATION: tuple[str, ...] = ("step", "first")
 PARAMETERS: tuple[str, ...] = ("optimizer", "trainable")
 MONITOR_BACKENDS: tuple[str, ...] = (*BACKENDS, "finite-difference")
+DEFAULT_MAX_OVERHEAD = 0.05  # the budget when neither `every_n_train_steps` nor `max_overhead` is given
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -149,9 +150,19 @@ class MonitorOptions:
         ValueError: naming the option and the allowed values, for any invalid value or combination.
     """
 
-    every_n_train_steps: int = _opt(
-        100, "estimate when ``global_step % n == 0``, once per optimizer step (gradient accumulation does not repeat "
-        "it); step 0 included.", _int(1))
+    every_n_train_steps: int | None = _opt(
+        None, "``None``: the cadence follows the ``max_overhead`` budget (an estimate at step 0, then as often as the "
+        "budget allows; the realised gap is logged as ``every_n_steps``). An integer ``n``: estimate when "
+        "``global_step % n == 0``, once per optimizer step (gradient accumulation does not repeat it), step 0 "
+        "included: exactly that cadence, unless ``max_overhead`` is also set.", _optional(_int(1)),
+        price="an estimate at the defaults costs 10 to 60 gradients (see the README's overhead table).")
+    max_overhead: float | None = _opt(
+        None, "the largest share of training wall time the estimates may take (``0.05``: 5%): the callback times "
+        "its estimates and the training between them (validation excluded) and stretches the cadence to stay within "
+        "it. ``None``: ``0.05`` when ``every_n_train_steps`` is ``None``, otherwise no budget (an explicit cadence is "
+        "kept exactly). With both set: estimates only at multiples of ``every_n_train_steps``, as far apart as the "
+        "budget needs.", _optional(_positive_float),
+        price="sets the cost directly: estimates take at most this share of training time, counted over the run.")
     top_k: int = _opt(1, "number of top eigenvalues (``eig_1`` ... ``eig_k``).", _int(1),
                       price="Lanczos spends about ``top_k + 10`` products cold, fewer warm-started.")
     num_probes: int = _opt(
@@ -275,6 +286,13 @@ class MonitorOptions:
                 f"`num_batches={self.num_batches}` needs `data='fixed'`; with data='current' the estimate uses the "
                 "one batch being trained on."
             )
+
+    @property
+    def budget_overhead(self) -> float | None:
+        """The cadence budget in force: ``max_overhead``, or 5% when neither it nor a cadence is given."""
+        if self.max_overhead is None and self.every_n_train_steps is None:
+            return DEFAULT_MAX_OVERHEAD
+        return self.max_overhead
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -53,7 +53,8 @@ METRIC_KEYS: tuple[tuple[str, str, str], ...] = (
     ("eig_1 ... eig_k", "``eigenvalues``", "the ``top_k`` eigenvalues, descending; largest algebraic with Lanczos "
      "(default), largest magnitude with ``eigen_solver=\"power\"``"),
     ("lambda_max", "``eigenvalues``, Lanczos", "the sharpness, ``= eig_1``"),
-    ("eig_converged", "``eigenvalues``", "1 if every pair met ``‖Hv − λv‖ ≤ tol·|λ|``, else 0"),
+    ("eig_converged", "``eigenvalues``", "1 if every pair met ``‖Hv − λv‖ ≤ tol·|λ|`` and (Lanczos, ``top_k > 1``) a "
+     "deflated check found no eigenvalue above the k-th left out, else 0"),
     ("trace", "``trace``", "estimate of ``tr(H)`` (see ``trace_estimator``)"),
     ("trace_stderr", "``trace``", "its standard error"),
     ("stability_threshold", "``eos``", "the optimizer's threshold: ``(2 + 2β)/(η(1 − d))`` for SGD (momentum β, "
@@ -74,6 +75,10 @@ METRIC_KEYS: tuple[tuple[str, str, str], ...] = (
     ("eig_mass/<module>", "``layer_metrics`` has ``eig_mass``", "share of the top eigenvector's squared norm in "
      "that block"),
     ("num_hvps", "always", "Hessian-vector products spent on this estimate"),
+    ("every_n_steps", "from the second estimate on", "optimizer steps since the previous estimate (the cadence the "
+     "``max_overhead`` budget chose, or ``every_n_train_steps``)"),
+    ("overhead", "from the second estimate on", "estimate seconds per training second so far (validation excluded), "
+     "as the budget counts them"),
     ("seconds", "always", "wall time of this estimate"),
 )
 
