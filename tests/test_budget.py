@@ -55,29 +55,31 @@ def gaps(steps):
     return [b - a for a, b in zip(steps, steps[1:])]
 
 
-def test_steady_cadence_pays_back_the_first_estimate():
+def test_steady_cadence_after_a_free_first_estimate():
     # 10 ms per step, 200 ms per estimate, 5%: 200 ms is earned in 400 steps
     clock = FakeClock()
     budget = CadenceBudget(0.05, clock=clock)
     done = run(budget, clock, 3000)
     assert done[0] == 0
-    assert done[1] == 800  # the step-0 estimate is paid back first: twice the steady gap
-    assert set(gaps(done)[1:]) == {400}
+    assert done[1] == 200  # the step-0 estimate is not charged; it predicts the second at half its cost (100 ms)
+    assert done[2] == 800  # the second cost 100 ms more than predicted: paid back, then 200 ms earned
+    assert set(gaps(done)[2:]) == {400}
     assert budget.every == 400
     assert budget.step_seconds == pytest.approx(0.010)  # the estimates' seconds are not training time
     assert budget.cost == pytest.approx(0.200)
 
 
-def test_overhead_stays_within_budget_at_every_estimate_from_the_second():
+def test_overhead_after_the_first_estimate_stays_within_budget():
     clock = FakeClock()
     budget = CadenceBudget(0.05, clock=clock)
     seen = []
     for step in range(5000):
         budget.on_step(step)
-        if budget.due(step) and budget.num_estimates > 1:
-            # training so far (settled at this due step) pays for every estimate so far and this one
+        if budget.due(step) and budget.num_estimates > 2:
+            # training so far (settled at this due step) pays for every estimate after the first, and this one
             seen.append(step)
-            assert budget.estimate_seconds + 0.2 <= 0.05 * budget.train_seconds + 1e-9
+            first, this = 0.2, 0.2  # the first estimate is not charged
+            assert (budget.estimate_seconds - first) + this <= 0.05 * budget.train_seconds + 1e-9
         if budget.due(step):
             with budget.measure():
                 clock.advance(0.2)
@@ -90,7 +92,7 @@ def test_cold_first_estimate_then_warm_ones():
     clock = FakeClock()
     budget = CadenceBudget(0.05, clock=clock)
     done = run(budget, clock, 6000, cost=lambda step: 0.6 if step == 0 else 0.2)
-    assert done[1] == 2400  # 0.6 s paid back, and 0.6 s predicted for the next (no warm cost is known yet)
+    assert done[1] == 600  # 0.6 s not charged; 0.3 s predicted for the next (no warm cost is known yet)
     assert set(gaps(done)[1:]) == {400}  # from the second estimate on, the warm costs predict
 
 
@@ -122,7 +124,7 @@ def test_cheap_estimates_are_bounded_by_min_every_and_land_on_its_grid():
     budget = CadenceBudget(0.05, min_every=100, clock=clock)
     done = run(budget, clock, 5000)  # 400-step gaps fall on the grid of 100
     assert all(s % 100 == 0 for s in done)
-    assert set(gaps(done)[1:]) == {400}
+    assert set(gaps(done)[2:]) == {400}
 
 
 def test_cheap_estimates_every_step_do_not_bank_credit():
@@ -137,7 +139,7 @@ def test_max_every_caps_the_gap():
     clock = FakeClock()
     budget = CadenceBudget(0.05, max_every=250, clock=clock)
     done = run(budget, clock, 2000)
-    assert set(gaps(done)) == {250}
+    assert gaps(done)[0] == 200 and set(gaps(done)[1:]) == {250}
     budget = CadenceBudget(0.05, min_every=100, max_every=250)  # rounded down to the grid
     assert budget.max_every == 200
 
@@ -169,7 +171,7 @@ def test_validation_time_is_not_training_time():
     clock = FakeClock()
     budget = CadenceBudget(0.05, clock=clock)
     done = run(budget, clock, 3000, pause=lambda step: 5.0 if step % 50 == 49 else 0.0)
-    assert set(gaps(done)[1:]) == {400}
+    assert done[:3] == [0, 200, 800] and set(gaps(done)[2:]) == {400}
     assert budget.step_seconds == pytest.approx(0.01)
 
 
@@ -193,13 +195,13 @@ def test_repeated_calls_for_one_step_count_once():
                     clock.advance(0.2)
                 done.append(step)
             clock.advance(0.0025)
-    assert done[1] == 800 and set(gaps(done)[1:]) == {400}
+    assert done[:3] == [0, 200, 800] and set(gaps(done)[2:]) == {400}
 
 
 def test_a_new_run_counting_from_zero_again_starts_with_an_estimate():
     clock = FakeClock()
     budget = CadenceBudget(0.05, clock=clock)
-    assert run(budget, clock, 1000)[:2] == [0, 800]
+    assert run(budget, clock, 1000)[:3] == [0, 200, 800]
     again = run(budget, clock, 2000)  # a second fit with the same budget: global_step from 0 again
     assert again[0] == 0 and set(gaps(again)[1:]) == {400}  # the account, cost and step time carry over
     fixed = CadenceBudget(None, min_every=100, clock=clock)
@@ -302,7 +304,7 @@ def test_processes_agree_through_reduce():
 @pytest.mark.parametrize("kwargs", [
     {"max_overhead": 0}, {"max_overhead": -0.1}, {"max_overhead": float("nan")}, {"max_overhead": True},
     {"min_every": 0}, {"min_every": 1.5}, {"max_every": 0}, {"min_every": 10, "max_every": 5}, {"smoothing": 0},
-    {"smoothing": 1.5},
+    {"smoothing": 1.5}, {"cold_factor": 0}, {"cold_factor": 1.5}, {"cold_factor": True},
 ])
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):

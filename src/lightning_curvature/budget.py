@@ -15,16 +15,16 @@ ahead, which step is next (:attr:`~CadenceBudget.next_step`)::
             keep_weights_before_this_step()      # e.g. for the curvature along the next update
         train_one_step(model, batch)
 
-**The account.** Every second of training earns ``max_overhead`` seconds of estimate time; every estimate spends its
-measured seconds. An estimate starts only when the balance covers its predicted cost, so over a run the estimates
-take at most about ``max_overhead`` of the training time, counted at every estimate from the second one on. The
-predicted cost is an exponential moving average of the measured costs (``smoothing`` the weight of the newest),
-started at the second estimate: the first is cold (no warm start, first calls into autograd) and predicts only the
-second. The first estimate (at the first step, usually step 0) is always made and paid back like any other: the
-second comes after about twice the steady gap (more when the cold one costs more than the warm ones). The balance
-never holds more than one predicted estimate, so a slow stretch (a first step that compiles, a stall) buys at most
-one early estimate, never a burst; and an estimate cheaper than predicted leaves no credit behind, so estimates
-never bunch up (the realised overhead then stays a little under the budget).
+**The account.** Every second of training earns ``max_overhead`` seconds of estimate time; every estimate from the
+second on spends its measured seconds. An estimate starts only when the balance covers its predicted cost, so over a
+run the estimates after the first take at most about ``max_overhead`` of the training time. The first estimate (at
+the first step, usually step 0) is always made and is a one-time cost, like a compilation: it is not charged to the
+balance (it still counts in :attr:`overhead`). It is cold (no warm start, first calls into autograd: measured at 1
+to 3 times a warm one), so it predicts the second at ``cold_factor`` of its cost (default one half); from the second
+on, the predicted cost is an exponential moving average of the measured costs (``smoothing`` the weight of the
+newest). The balance never holds more than one predicted estimate, so a slow stretch (a first step that compiles, a
+stall) buys at most one early estimate, never a burst; and an estimate cheaper than predicted leaves no credit
+behind, so estimates never bunch up (the realised overhead then stays a little under the budget).
 
 **What counts as training time.** The wall time between consecutive :meth:`~CadenceBudget.on_step` calls, less the
 estimates' own seconds and less whatever the caller brackets with :meth:`~CadenceBudget.pause` /
@@ -85,6 +85,8 @@ class CadenceBudget:
             ``None``: no cap.
         smoothing: weight of the newest measured cost in the predicted cost of the next estimate, in ``(0, 1]``
             (``1``: the last cost).
+        cold_factor: the predicted cost of the second estimate, as a fraction of the first (cold) one's, in
+            ``(0, 1]``.
         clock: seconds, monotonic (default ``time.perf_counter``); tests pass a fake one.
         reduce: ``reduce([train_seconds, estimate_seconds]) -> [train_seconds, estimate_seconds]``, called at every
             decision step, on every process at the same steps; must return values all processes agree on (see
@@ -101,6 +103,7 @@ class CadenceBudget:
         min_every: int = 1,
         max_every: int | None = None,
         smoothing: float = 0.5,
+        cold_factor: float = 0.5,
         clock: Callable[[], float] = time.perf_counter,
         reduce: Callable[[list[float]], Sequence[float]] | None = None,
     ) -> None:
@@ -120,7 +123,10 @@ class CadenceBudget:
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.min_every = min_every
         self.max_every = None if max_every is None else max_every // min_every * min_every
+        if isinstance(cold_factor, bool) or not isinstance(cold_factor, (int, float)) or not 0 < cold_factor <= 1:
+            raise ValueError(f"`cold_factor` must be a number in (0, 1], got {cold_factor!r}.")
         self.smoothing = float(smoothing)
+        self.cold_factor = float(cold_factor)
         self.clock = clock
         self.reduce = reduce
         # the agreed state (identical on every process; what state_dict holds)
@@ -242,12 +248,16 @@ class CadenceBudget:
         self.estimate_seconds += spent
         if self.pending_steps > 0 and train > 0:
             self.step_seconds = train / self.pending_steps
-        if spent > 0:  # the first estimate is cold (no warm start, first calls): it predicts only the second
+        first = spent > 0 and self.num_costs == 0
+        if first:  # cold (no warm start, first calls): a one-time cost that predicts the second at a fraction
+            self.cost = self.cold_factor * spent
+        elif spent > 0:
             smoothing = 1.0 if self.num_costs < 2 else self.smoothing
-            self.cost = spent if self.cost is None else self.cost + smoothing * (spent - self.cost)
-            self.num_costs += 1
+            assert self.cost is not None
+            self.cost = self.cost + smoothing * (spent - self.cost)
+        self.num_costs += int(spent > 0)
         if self.max_overhead is not None:
-            if spent > 0:  # an estimate cheaper than predicted leaves no credit: estimates never bunch up
+            if spent > 0 and not first:  # an estimate cheaper than predicted leaves no credit: no bunching up
                 self.balance = min(self.balance - spent, 0.0)
             self.balance += self.max_overhead * train
             if self.cost is not None:  # at most one estimate's worth of credit
