@@ -419,7 +419,7 @@ def report_long(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join([
         f"## The budget ({pct(args.max_overhead)}) over runs of about {args.long:g} steady gaps",
         "",
-        "Steady gap: a warm estimate's seconds (from a `CurvatureMonitor()` run) over "
+        "Steady gap: a warm estimate's seconds (from a `CurvatureMonitor(every_n_train_steps=100)` run) over "
         f"{args.max_overhead} x the step time without the callback. {args.long_repeats} interleaved pair(s) of runs "
         "(without, `CurvatureMonitor()`) of that many gaps; overheads as in the first table.",
         "",
