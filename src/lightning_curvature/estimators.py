@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -278,7 +279,7 @@ WHICH: tuple[str, ...] = ("LA", "SA", "LM")
 #: The largest relative residual that can back a convergence claim of :func:`lanczos`, whatever ``tol`` says.
 CLAIM_TOL_CAP = 0.1
 _DGKS = 1 / math.sqrt(2)  # a second Gram-Schmidt pass when a norm drops below this fraction (Daniel et al. 1976)
-_RESTART_CHUNK = 1 << 16  # columns per chunk when a restart recombines the basis in place
+_RESTART_CHUNK = 1 << 16  # columns per chunk of the GEMMs over the basis (restarts, Gram matrices, Ritz vectors)
 _NOISE = 4.0  # rounding per step in the ω-recurrence, in ε ‖H‖ / β (an HVP rounds more than one matrix product)
 
 
@@ -414,20 +415,24 @@ def _resolved(theta: Tensor, res: Tensor, order: Tensor, tol: float, scale_floor
 
 
 class _BlockKrylovSchur:
-    """The state of a block thick-restart Lanczos run of :func:`lanczos` (rows are vectors).
+    """The state of a block thick-restart Lanczos run of :func:`lanczos`.
 
-    Holds the decomposition ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V = basis[:m]`` the active orthonormal basis, ``T`` its
-    ``(m, m)`` symmetric projection, ``X = basis[m:m + bc]`` the residual block and ``G`` its ``(bc, m)`` coupling.
-    Every vector lives in one preallocated ``(capacity, P)`` block; ``T``, ``G`` and the estimated inner products
-    ``omega`` are small float64 matrices on the CPU.
+    Holds the decomposition ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V = rows[:m]`` the active orthonormal basis, ``T`` its
+    ``(m, m)`` symmetric projection, ``X = rows[m:m + bc]`` the residual block and ``G`` its ``(bc, m)`` coupling;
+    ``T``, ``G`` and the estimated inner products ``omega`` are small float64 matrices on the CPU. At most ``capacity``
+    rows of length ``P`` are alive. A new row *is* the product's own output, orthogonalised and normalised in place:
+    no copy into a preallocated block, whose fresh pages would cost more than the rest of a step (writing 6 MB into
+    new memory takes ~10 ms on a CPU VM, into reused memory ~0.4 ms; the product has already paid for its output). A
+    restart rewrites the kept rows in place and drops the rest.
     """
 
     def __init__(self, op: CurvatureOperator, start: Tensor, capacity: int, generator: torch.Generator | None,
                  dtype: torch.dtype) -> None:
         self.op, self.n, self.generator = op, op.shape[0], generator
-        self.capacity = capacity
+        self.capacity, self.dtype, self.device = capacity, dtype, op.device
         b = start.shape[0]
-        self.basis = torch.empty((capacity, self.n), dtype=dtype, device=op.device)
+        self.rows: list[Tensor] = []
+        self._staging: Tensor | None = None  # (capacity, chunk) buffer for the chunked GEMMs, made on first use
         self.T = torch.zeros((capacity, capacity), dtype=torch.float64)
         self.G = torch.zeros((b, capacity), dtype=torch.float64)
         self.omega = torch.eye(capacity, dtype=torch.float64)
@@ -439,9 +444,9 @@ class _BlockKrylovSchur:
         self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
         self.num_matvecs = 0
         self.num_full = 0  # steps that reorthogonalised beyond the coupled vectors (diagnostics)
-        self.basis[:b].copy_(start)
-        norms = torch.linalg.vector_norm(self.basis[:b], dim=1).to(device="cpu", dtype=torch.float64)
-        _, self.bc, _ = self._normalize_block(self.basis[:b], 0, norms, torch.ones(b, dtype=torch.float64))
+        W = [start[c].to(device=op.device, dtype=dtype, copy=True).contiguous() for c in range(b)]
+        norms = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64)
+        _, self.bc, _ = self._normalize_block(W, norms, torch.ones(b, dtype=torch.float64))
 
     @property
     def delta(self) -> float:
@@ -455,98 +460,106 @@ class _BlockKrylovSchur:
         return min(math.sqrt(self.eps), max(self.eps ** 0.75, wanted))
 
     # -------------------------------------------------------------------------------- Gram-Schmidt
-    def _project_out(self, W: Tensor, lo: int, hi: int) -> Tensor:
-        """One classical Gram-Schmidt pass ``W ← W − Bᵀ(B W)`` for ``B = basis[lo:hi]``; returns ``B W`` (float64)."""
-        B = self.basis[lo:hi]
-        if W.shape[0] == 1:  # matrix-vector kernels: no transposed views
-            h = torch.mv(B, W[0])
-            W[0].addmv_(B.T, h, alpha=-1)
-            h = h[:, None]
-        else:
-            h = B @ W.T
-            W.addmm_(h.T, B, alpha=-1)
-        return h.to(device="cpu", dtype=torch.float64)
+    def _project_out(self, W: list[Tensor], lo: int, hi: int) -> Tensor:
+        """One classical Gram-Schmidt pass ``w ← w − Σᵢ (vᵢ·w) vᵢ`` over ``vᵢ = rows[lo:hi]`` for each ``w`` in ``W``.
 
-    def _orthogonalize(self, W: Tensor, lo: int, hi: int, second: str) -> tuple[Tensor, Tensor, Tensor]:
-        """Classical Gram-Schmidt of the rows ``W`` against ``basis[lo:hi]``, one pass or two.
+        Returns the coefficients ``(hi − lo, len(W))`` in float64. Dots and in-place updates row by row: the rows are
+        separate tensors, and ``w`` stays in cache between them.
+        """
+        if hi <= lo or not W:
+            return torch.zeros((max(hi - lo, 0), len(W)), dtype=torch.float64)
+        h = torch.stack([torch.stack([torch.dot(self.rows[i], w) for w in W]) for i in range(lo, hi)])
+        h = h.to(device="cpu", dtype=torch.float64)
+        for i in range(lo, hi):
+            for c, w in enumerate(W):
+                w.sub_(self.rows[i], alpha=float(h[i - lo, c]))
+        return h
+
+    def _norms(self, W: list[Tensor]) -> Tensor:
+        if not W:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64)
+
+    def _orthogonalize(self, W: list[Tensor], lo: int, hi: int, second: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Classical Gram-Schmidt of the rows ``W`` against ``rows[lo:hi]``, one pass or two.
 
         Returns the coefficients, the row norms after and (by Pythagoras, no pass over ``W``) before. The second pass:
-        ``"always"`` (a random vector against a basis that is only semi-orthogonal, ``BBᵀ = I + E``: one pass leaves
-        ``−E B W``, small only when ``B W`` was), ``"dgks"`` where a norm fell below ``1/√2`` of its value ("twice is
+        ``"always"`` (a random vector against a basis that is only semi-orthogonal, ``VVᵀ = I + E``: one pass leaves
+        ``−E V w``, small only when ``V w`` was), ``"dgks"`` where a norm fell below ``1/√2`` of its value ("twice is
         enough" against an orthonormal basis; Daniel, Gragg, Kaufman & Stewart 1976), or ``"never"`` (the caller
         decides from its estimates).
         """
         if hi <= lo:
-            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
-            return torch.zeros((0, W.shape[0]), dtype=torch.float64), after, after
+            after = self._norms(W)
+            return torch.zeros((0, len(W)), dtype=torch.float64), after, after
         h = self._project_out(W, lo, hi)
-        after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+        after = self._norms(W)
         before = (h.pow(2).sum(dim=0) + after.pow(2)).sqrt()
         if second == "always" or second == "dgks" and bool((after < _DGKS * before).any()):
             h += self._project_out(W, lo, hi)
-            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+            after = self._norms(W)
         return h, after, before
 
-    def _random_row(self, row: Tensor, hi: int) -> float:
-        """Fill ``row`` with a random vector orthogonal to ``basis[:hi]``; returns its norm."""
+    def _random_row(self, hi: int) -> tuple[Tensor, float]:
+        """A random vector orthogonal to ``rows[:hi]`` and its norm."""
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        row.copy_(torch.randn(self.n, generator=self.generator, device=gen_device, dtype=row.dtype))
-        return float(self._orthogonalize(row[None], 0, hi, "always")[1][0])
+        z = torch.randn(self.n, generator=self.generator, device=gen_device, dtype=self.dtype).to(self.device)
+        return z, float(self._orthogonalize([z], 0, hi, "always")[1][0])
 
-    def _normalize_block(self, W: Tensor, hi: int, norms: Tensor, scale: Tensor) -> tuple[Tensor, int, bool]:
-        """Orthonormalise the rows ``W`` (already orthogonal to ``basis[:hi]``) into ``basis[hi:]``.
+    def _normalize_block(self, W: list[Tensor], norms: Tensor, scale: Tensor) -> tuple[Tensor, int, bool]:
+        """Orthonormalise the rows ``W`` (already orthogonal to ``rows``) among themselves and append them.
 
         ``norms`` are the rows' norms, ``scale`` what they are small against (about ``‖H x‖``). Returns ``R`` with
         ``W = Rᵀ Q`` (rows), the number of rows kept and whether one was replaced: a row whose new part is at rounding
         level (an invariant subspace, or a repeated eigenvalue seen twice) is replaced by a random vector orthogonal to
         everything before it, with a zero diagonal in ``R``; when nothing orthogonal is left it is dropped instead.
         """
-        bc = W.shape[0]
+        bc, hi = len(W), len(self.rows)
         R = torch.zeros((bc, bc), dtype=torch.float64)
         kept, replaced = 0, False
-        for c in range(bc):
-            w, out = W[c:c + 1], self.basis[hi + c:hi + c + 1]
+        for c, w in enumerate(W):
             nrm = float(norms[c])
             if c > 0:
-                h, after, _ = self._orthogonalize(w, hi, hi + kept, "dgks")
+                h, after, _ = self._orthogonalize([w], hi, hi + kept, "dgks")
                 R[:kept, c] = h[:, 0]
                 nrm = float(after[0])
             if kept < c:  # the space is exhausted: earlier rows were dropped, so is this one
                 continue
             if nrm > self.breakdown * max(float(scale[c]), self.anorm):
                 R[c, c] = nrm
-                torch.div(w, nrm, out=out)
+                self.rows.append(w.div_(nrm))
                 kept += 1
                 continue
-            nrm = self._random_row(out[0], hi + c) if hi + c < self.n else 0.0
-            if nrm <= math.sqrt(self.eps):
+            if hi + c >= self.n:
                 continue  # nothing orthogonal is left
-            out.div_(nrm)
+            z, nrm = self._random_row(hi + c)
+            if nrm <= math.sqrt(self.eps):
+                continue
+            self.rows.append(z.div_(nrm))
             kept += 1
             replaced = True
         return R[:kept], kept, replaced
 
     # -------------------------------------------------------------------------------- one block step
-    def _product(self, X: Tensor, slot: Tensor) -> Tensor:
-        """``H X`` as rows: the operator's own output for one vector (no copy), else written into ``slot``."""
-        if X.shape[0] == 1:
-            out = self.op.matvec(X[0])
-            if (out.dtype != slot.dtype or out.device != slot.device or not out.is_contiguous()
-                    or out.untyped_storage().data_ptr() == self.basis.untyped_storage().data_ptr()):
-                out = out.to(device=slot.device, dtype=slot.dtype, memory_format=torch.contiguous_format, copy=True)
-            return out[None]
-        if hasattr(self.op, "matmat"):
-            slot.copy_(self.op.matmat(X.T).T)
-        else:
-            for c in range(X.shape[0]):
-                slot[c].copy_(self.op.matvec(X[c]))
-        return slot
+    def _product(self, X: list[Tensor]) -> list[Tensor]:
+        """``H x`` for each row: the operator's own output (contiguous, this dtype), not a copy."""
+        if len(X) > 1 and hasattr(self.op, "matmat"):
+            out = self.op.matmat(torch.stack(X, dim=1)).T.to(device=self.device, dtype=self.dtype).contiguous()
+            return list(out.unbind(0))
+        W = []
+        for x in X:
+            w = self.op.matvec(x)
+            if (w.dtype != self.dtype or w.device != self.device or not w.is_contiguous()
+                    or w.data_ptr() == x.data_ptr()):
+                w = w.to(device=self.device, dtype=self.dtype, memory_format=torch.contiguous_format, copy=True)
+            W.append(w)
+        return W
 
     def expand(self) -> None:
         """Multiply the residual block by ``H`` and append it to the basis (``bc`` products)."""
         m, bc = self.m, self.bc
         hi = m + bc
-        W = self._product(self.basis[m:hi], self.basis[hi:hi + bc])
+        W = self._product(self.rows[m:hi])
         self.num_matvecs += bc
         coupled = torch.nonzero(self.G[:bc, :m].abs().sum(dim=0))
         lo = int(coupled[0]) if len(coupled) else m
@@ -557,7 +570,7 @@ class _BlockKrylovSchur:
         h, after, before = self._orthogonalize(W, lo, hi, "never")
         self.anorm = max(self.anorm, float(before.max()))
         # what one pass leaves along the vectors it projected out: rounding, plus their own non-orthogonality times h;
-        # a second pass only where that exceeds √ε (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
+        # a second pass only where that exceeds δ (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
         E = (om[lo:hi, lo:hi] - torch.eye(hi - lo, dtype=torch.float64)).abs()
         local = (self.eps * float(before.max()) + (E @ h.abs()).amax(dim=1)) / max(float(after.min()), tiny)
         if float(local.max()) > self.delta:
@@ -569,13 +582,13 @@ class _BlockKrylovSchur:
         for a, b in again:
             self._project_out(W, a, b)
         if again or float(local.max()) == self.eps:
-            after = torch.linalg.vector_norm(W, dim=1).to(device="cpu", dtype=torch.float64)
+            after = self._norms(W)
         A = h[m - lo:]
         T = self.T
         T[m:hi, m:hi] = (A + A.T) / 2
         T[m:hi, :m] = self.G[:bc, :m]
         T[:m, m:hi] = self.G[:bc, :m].T
-        R, kept, replaced = self._normalize_block(W, hi, after, before)
+        R, kept, replaced = self._normalize_block(W, after, before)
         new = slice(hi, hi + kept)
         om[new, :] = 0.0
         om[:, new] = 0.0
@@ -595,29 +608,27 @@ class _BlockKrylovSchur:
                 # orthogonality is about to be lost: orthogonalise against the vectors whose estimate exceeds ε^¼ δ
                 # (Simon's "partial"), now and at the next step; the components are small, so one pass takes them to ε
                 runs = _runs(est.abs().amax(dim=1) > self.delta * self.eps ** 0.25)
-                Q = self.basis[new]
+                Q = self.rows[hi:]
+                del self.rows[hi:]
                 for a, b in runs:
                     self._project_out(Q, a, b)
                     est[a:b] = self.eps
-                norms = torch.linalg.vector_norm(Q, dim=1).to(device="cpu", dtype=torch.float64)
-                R2, kept, _ = self._normalize_block(Q, hi, norms, torch.ones(kept, dtype=torch.float64))
+                R2, kept, _ = self._normalize_block(Q, self._norms(Q), torch.ones(kept, dtype=torch.float64))
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
                 self.num_full += 1
         elif lo > 0:
             # a row was replaced or dropped (rare): orthogonalise the others against the whole basis too
-            Q = self.basis[new]
+            Q = self.rows[hi:]
+            del self.rows[hi:]
             _, after, _ = self._orthogonalize(Q, 0, hi, "dgks")
-            R2, kept, _ = self._normalize_block(Q, hi, after, torch.ones(kept, dtype=torch.float64))
+            R2, kept, _ = self._normalize_block(Q, after, torch.ones(kept, dtype=torch.float64))
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
             local.fill_(self.eps)
             self.num_full += 1
         om[:lo, new], om[new, :lo] = est, est.T
         om[lo:hi, new] = local[:, None]
         om[new, lo:hi] = local[None, :]
-        self._append(m, hi, R, kept)
-
-    def _append(self, m: int, hi: int, R: Tensor, kept: int) -> None:
         self.G.zero_()
         self.G[:kept, m:hi] = R
         self.m, self.bc = hi, kept
@@ -644,7 +655,7 @@ class _BlockKrylovSchur:
         return torch.linalg.solve_triangular(L.T, torch.eye(gram.shape[0], dtype=torch.float64), upper=True)
 
     def _gram(self, rows: int) -> Tensor | None:
-        """The measured Gram matrix of ``basis[:rows]``, or None when the estimates put it within ``delta`` of ``I``.
+        """The measured Gram matrix of ``rows[:rows]``, or None when the estimates put it within ``delta`` of ``I``.
 
         Then correcting by it would change no residual beyond what the caller needs, and one pass is saved.
         """
@@ -653,35 +664,51 @@ class _BlockKrylovSchur:
             return None
         return self._gram_rows(rows)
 
+    def _chunks(self, rows: int) -> Iterator[tuple[int, int, Tensor]]:
+        """``(c0, c1, block)`` over cache-sized column chunks, ``block`` a staged copy of ``rows[:rows][c0:c1]``.
+
+        Small GEMMs on a staged chunk run near memory speed, where one over the whole basis would not.
+        """
+        width = min(_RESTART_CHUNK, self.n)
+        if self._staging is None:
+            self._staging = torch.empty(self.capacity * width, dtype=self.dtype, device=self.device)
+        for c0 in range(0, self.n, width):
+            c1 = min(c0 + width, self.n)
+            block = self._staging[: rows * (c1 - c0)].view(rows, c1 - c0)
+            for i in range(rows):
+                block[i].copy_(self.rows[i][c0:c1])
+            yield c0, c1, block
+
     def _gram_rows(self, rows: int) -> Tensor:
-        """``basis[:rows] basis[:rows]ᵀ`` in float64, accumulated over cache-sized column chunks."""
-        gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.basis.device)
-        for c0 in range(0, self.n, _RESTART_CHUNK):
-            K = self.basis[:rows, c0:c0 + _RESTART_CHUNK]
-            gram += K @ K.T
+        """``V Vᵀ`` of ``rows[:rows]`` in float64, accumulated over the chunks."""
+        gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.device)
+        for _, _, block in self._chunks(rows):
+            gram += block @ block.T
         return gram.cpu()
 
-    def _combine(self, C: Tensor, rows: int, out: Tensor) -> None:
-        """``out ← Cᵀ basis[:rows]`` for ``C`` of shape ``(rows, l)``, chunk by chunk over the columns.
+    def _combine(self, C: Tensor, out: list[Tensor]) -> None:
+        """``out[j] ← Σᵢ C[i, j] rows[i]`` over ``rows[:C.shape[0]]``, chunk by chunk.
 
-        Small, cache-sized GEMMs: one over the whole ``(rows, P)`` block is several times slower on a CPU. ``out`` may
-        be ``basis[:l]`` (each chunk is read before it is written); extra memory is ``l`` rows of one chunk.
+        ``out`` may be ``rows[:l]``: each chunk is staged before it is written.
         """
-        cols, n = C.shape[1], self.n
-        Ct = C.T.to(device=self.basis.device, dtype=self.basis.dtype).contiguous()
-        buf = torch.empty(cols * min(_RESTART_CHUNK, n), dtype=self.basis.dtype, device=self.basis.device)
-        for c0 in range(0, n, _RESTART_CHUNK):
-            c1 = min(c0 + _RESTART_CHUNK, n)
-            chunk = buf[: cols * (c1 - c0)].view(cols, c1 - c0)
-            torch.mm(Ct, self.basis[:rows, c0:c1], out=chunk)
-            out[:, c0:c1] = chunk
+        Ct = C.T.to(device=self.device, dtype=self.dtype).contiguous()
+        for c0, c1, block in self._chunks(C.shape[0]):
+            part = Ct @ block
+            for j, row in enumerate(out):
+                row[c0:c1] = part[j]
 
     def ritz_vectors(self, S: Tensor) -> Tensor:
         """Unit Ritz vectors ``N S`` as the ``(P, columns of S)`` transpose of a row-major block."""
         gram = self._gram(self.m)
         C = S if gram is None else self._orthonormalizer(gram) @ S
-        Y = torch.empty((C.shape[1], self.n), dtype=self.basis.dtype, device=self.basis.device)
-        self._combine(C, self.m, Y)
+        Y = torch.empty((C.shape[1], self.n), dtype=self.dtype, device=self.device)
+        if C.shape[1] <= 2:  # a few axpys: no staging buffer for the common top-1
+            Y.zero_()
+            for i in range(self.m):
+                for j in range(C.shape[1]):
+                    Y[j].add_(self.rows[i], alpha=float(C[i, j]))
+        else:
+            self._combine(C, list(Y.unbind(0)))
         Y /= torch.linalg.vector_norm(Y, dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
         return Y.T
 
@@ -695,9 +722,8 @@ class _BlockKrylovSchur:
         m, bc, kept = self.m, self.bc, len(keep)
         gram = self._gram(m + bc)
         Sk = S[:, keep] if gram is None else self._orthonormalizer(gram[:m, :m]) @ S[:, keep]
-        self._combine(Sk, m, self.basis[:kept])
-        for i in range(bc):  # the residual block moves down behind the kept vectors, row by row (kept < m)
-            self.basis[kept + i].copy_(self.basis[m + i])
+        self._combine(Sk, self.rows[:kept])
+        self.rows = self.rows[:kept] + self.rows[m:m + bc]  # the rest is released
         if gram is None:  # the basis was orthogonal enough to keep Sₖᵀ V as it is: measure the few rows it now has
             new = self._gram_rows(kept + bc)
             YY, XY, XX = new[:kept, :kept], new[kept:, :kept], new[kept:, kept:]
@@ -1198,7 +1224,8 @@ def spectral_density(
     Args:
         op: an operator or a dense symmetric matrix.
         num_probes: independent Rademacher probes.
-        num_steps: Lanczos steps per probe (with full reorthogonalisation).
+        num_steps: Lanczos steps per probe: plain Lanczos with full reorthogonalisation, not restarted (a restart would
+            change the quadrature), so its basis holds ``num_steps`` vectors of length ``P``.
         num_points: grid size when ``grid`` is not given (spanning the Ritz values ± 3σ).
         sigma: broadening; default 1% of the Ritz value range (at least a tiny positive number).
         grid: explicit evaluation points.
