@@ -873,7 +873,8 @@ def lanczos(
     (Wu & Simon 2000; equivalent to ARPACK's implicit restart with exact shifts; Krylov-Schur form of Stewart 2001)
     keeps the ``max(k + block_size, min(k + 5, m / 2))`` most wanted Ritz vectors and the residual block,
     ``T ← diag(θ)`` plus an arrowhead coupling, and the iteration goes on. Extra memory is ``max_basis`` vectors of
-    length ``P`` in one preallocated block, however many products ``max_iter`` allows.
+    length ``P`` (the rows, each a product's own output) plus one chunk-sized staging buffer, however many products
+    ``max_iter`` allows.
 
     **Cheap steps.** The product's output becomes the new vector in place. A step orthogonalises it only against the
     vectors ``H X`` couples to (the previous block; after a restart, the kept Ritz vectors): one classical
