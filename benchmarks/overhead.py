@@ -34,7 +34,6 @@ stdout carries the markdown (``> benchmarks/overhead_results.md``); progress goe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import math
@@ -55,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import log, machine_info, md_table  # noqa: E402
+from run import blas_threads, log, machine_info, md_table  # noqa: E402
 
 from lightning_curvature import CurvatureMonitor, HessianOperator, module_loss_fn  # noqa: E402
 from lightning_curvature.budget import CadenceBudget  # noqa: E402
@@ -240,7 +239,6 @@ class Stopwatch(Callback):
 class Run:
     seconds: float
     estimates: list[dict[str, float]] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
     budget: CadenceBudget | None = None
 
 
@@ -509,13 +507,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    limiter: Any = contextlib.nullcontext()
-    with contextlib.suppress(ImportError):
-        from threadpoolctl import threadpool_limits
-
-        limiter = threadpool_limits(limits=args.threads)
     start = time.perf_counter()
-    with limiter:
+    with blas_threads(args.threads):
         print("# CurvatureMonitor: training-time overhead\n")
         info = machine_info(args).replace("python benchmarks/run.py", "python benchmarks/overhead.py")
         print(info.replace("- versions: ", "- versions (peers of run.py not used here): "))

@@ -888,6 +888,15 @@ def table_callback(quick: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def blas_threads(threads: int) -> Any:
+    """A context limiting BLAS/OpenMP pools to ``threads`` (threadpoolctl), or a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads)
+
+
 def machine_info(args: argparse.Namespace) -> str:
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError):
@@ -939,13 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    limiter: Any = contextlib.nullcontext()
-    with contextlib.suppress(ImportError):
-        from threadpoolctl import threadpool_limits
-
-        limiter = threadpool_limits(limits=args.threads)
     start = time.perf_counter()
-    with limiter:
+    with blas_threads(args.threads):
         print("# lightning-curvature benchmarks\n")
         print(machine_info(args))
         missing = [d for m, d in PEERS.items() if not have(m)]

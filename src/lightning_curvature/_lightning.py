@@ -42,11 +42,7 @@ def rank() -> int:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` on any process (one tiny all-reduce; every process must call it)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return max_over_ranks([float(flag)], device)[0] > 0
 
 
 def max_over_ranks(values: list[float], device: torch.device) -> list[float]:

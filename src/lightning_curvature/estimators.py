@@ -443,10 +443,8 @@ class _BlockKrylovSchur:
         self.m = 0
         self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
         self.num_matvecs = 0
-        self.num_full = 0  # steps that reorthogonalised beyond the coupled vectors (diagnostics)
         W = [start[c].to(device=op.device, dtype=dtype, copy=True).contiguous() for c in range(b)]
-        norms = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64)
-        _, self.bc, _ = self._normalize_block(W, norms, torch.ones(b, dtype=torch.float64))
+        _, self.bc, _ = self._normalize_block(W, self._norms(W), torch.ones(b, dtype=torch.float64))
 
     @property
     def delta(self) -> float:
@@ -616,7 +614,6 @@ class _BlockKrylovSchur:
                 R2, kept, _ = self._normalize_block(Q, self._norms(Q), torch.ones(kept, dtype=torch.float64))
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
-                self.num_full += 1
         elif lo > 0:
             # a row was replaced or dropped (rare): orthogonalise the others against the whole basis too
             Q = self.rows[hi:]
@@ -625,7 +622,6 @@ class _BlockKrylovSchur:
             R2, kept, _ = self._normalize_block(Q, after, torch.ones(kept, dtype=torch.float64))
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
             local.fill_(self.eps)
-            self.num_full += 1
         om[:lo, new], om[new, :lo] = est, est.T
         om[lo:hi, new] = local[:, None]
         om[new, lo:hi] = local[None, :]
