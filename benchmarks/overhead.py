@@ -465,9 +465,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "grad_curvature) over their products, bookkeeping (probes, orthogonalisation, Ritz vectors) included. "
         "Defaults: `CurvatureMonitor()` (metrics trace, eigenvalues, eos, grad_curvature; the cadence of the "
         f"`max_overhead={f}` budget). `every_n_train_steps=100`: the same estimates at a fixed cadence. The budget "
-        "measures step 0 and "
-        "pays it back, so a run shorter than about twice the steady gap holds the step-0 estimate only, and its "
-        "overhead is that (cold) estimate over the run. Steady gap: the budget's predicted cost over "
+        "charges the step-0 estimate too, so a run shorter than the training that pays for it and the second one "
+        "(about three steady gaps) holds the step-0 estimate only, and its overhead is that (cold) estimate over the "
+        "run. Steady gap: the budget's predicted cost over "
         f"{f} x its measured step time, at the end of the last run. Estimates per run in parentheses; the load "
         "average is sampled before and after each round.",
         "",

@@ -15,16 +15,18 @@ ahead, which step is next (:attr:`~CadenceBudget.next_step`)::
             keep_weights_before_this_step()      # e.g. for the curvature along the next update
         train_one_step(model, batch)
 
-**The account.** Every second of training earns ``max_overhead`` seconds of estimate time; every estimate from the
-second on spends its measured seconds. An estimate starts only when the balance covers its predicted cost, so over a
-run the estimates after the first take at most about ``max_overhead`` of the training time. The first estimate (at
-the first step, usually step 0) is always made and is a one-time cost, like a compilation: it is not charged to the
-balance (it still counts in :attr:`overhead`). It is cold (no warm start, first calls into autograd: measured at 1
-to 3 times a warm one), so it predicts the second at ``cold_factor`` of its cost (default one half); from the second
-on, the predicted cost is an exponential moving average of the measured costs (``smoothing`` the weight of the
-newest). The balance never holds more than one predicted estimate, so a slow stretch (a first step that compiles, a
-stall) buys at most one early estimate, never a burst; and an estimate cheaper than predicted leaves no credit
-behind, so estimates never bunch up (the realised overhead then stays a little under the budget).
+**The account.** Every second of training earns ``max_overhead`` seconds of estimate time; every estimate spends its
+measured seconds. An estimate starts only when the balance covers its predicted cost, so over a run the estimates
+take at most about ``max_overhead`` of the training time. The first estimate (at the first step, usually step 0) is
+always made, before any training has paid for it: the balance starts in debt by its cost, and the second estimate
+waits until training has paid for both. So a run shorter than the first estimate's cost over ``max_overhead`` holds
+that estimate only, and its overhead is that estimate's share; a longer run's realised overhead falls to the budget.
+The first estimate is cold (no warm start, first calls into autograd: measured at 1 to 3 times a warm one), so it
+predicts the second at ``cold_factor`` of its cost (default one half); from the second on, the predicted cost is an
+exponential moving average of the measured costs (``smoothing`` the weight of the newest). The balance never holds
+more than one predicted estimate, so a slow stretch (a first step that compiles, a stall) buys at most one early
+estimate, never a burst; and an estimate cheaper than predicted leaves no credit behind, so estimates never bunch up
+(the realised overhead then stays a little under the budget).
 
 **What counts as training time.** The wall time between consecutive :meth:`~CadenceBudget.on_step` calls, less the
 estimates' own seconds and less whatever the caller brackets with :meth:`~CadenceBudget.pause` /
@@ -248,8 +250,7 @@ class CadenceBudget:
         self.estimate_seconds += spent
         if self.pending_steps > 0 and train > 0:
             self.step_seconds = train / self.pending_steps
-        first = spent > 0 and self.num_costs == 0
-        if first:  # cold (no warm start, first calls): a one-time cost that predicts the second at a fraction
+        if spent > 0 and self.num_costs == 0:  # cold (no warm start, first calls): predicts the second at a fraction
             self.cost = self.cold_factor * spent
         elif spent > 0:
             smoothing = 1.0 if self.num_costs < 2 else self.smoothing
@@ -257,7 +258,7 @@ class CadenceBudget:
             self.cost = self.cost + smoothing * (spent - self.cost)
         self.num_costs += int(spent > 0)
         if self.max_overhead is not None:
-            if spent > 0 and not first:  # an estimate cheaper than predicted leaves no credit: no bunching up
+            if spent > 0:  # an estimate cheaper than predicted leaves no credit: no bunching up
                 self.balance = min(self.balance - spent, 0.0)
             self.balance += self.max_overhead * train
             if self.cost is not None:  # at most one estimate's worth of credit

@@ -79,10 +79,10 @@ class CurvatureMonitor(Callback):
 
     **When.** At the start of a training batch, once per optimizer step, never during sanity checking or
     validation; step 0 (the initial weights) is measured. By default the cadence is a budget: the callback times its
-    estimates and the training between them and stretches the gap so that the estimates after the first (cold) one
-    take at most ``max_overhead`` (5%) of the training wall time (:class:`~lightning_curvature.budget.CadenceBudget`;
-    the gap is logged as
-    ``every_n_steps``, the share so far as ``overhead``). With ``every_n_train_steps=n`` the estimates come exactly at
+    estimates and the training between them and stretches the gap so that the estimates, the first (cold) one
+    included, take at most ``max_overhead`` (5%) of the training wall time
+    (:class:`~lightning_curvature.budget.CadenceBudget`; the gap is logged as ``every_n_steps``, the share so far as
+    ``overhead``). With ``every_n_train_steps=n`` the estimates come exactly at
     every multiple of ``n`` of ``trainer.global_step`` (optimizer steps taken so far). With
     gradient accumulation the estimate measures the whole step's objective at its last micro-batch (see
     ``accumulation``). Under DDP every process takes the same decisions (the slowest process's times). The
