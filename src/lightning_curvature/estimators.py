@@ -441,6 +441,7 @@ class _BlockKrylovSchur:
         self.breakdown = self.eps ** 0.75  # a new direction this small (relative to ‖H‖) is rounding, not Krylov
         self.anorm = 0.0  # running estimate of ‖H‖
         self.m = 0
+        self.coupled = 0  # the first column of G that may be nonzero: H X couples to rows[coupled:m]
         self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
         self.num_matvecs = 0
         W = [start[c].to(device=op.device, dtype=dtype, copy=True).contiguous() for c in range(b)]
@@ -468,9 +469,9 @@ class _BlockKrylovSchur:
             return torch.zeros((max(hi - lo, 0), len(W)), dtype=torch.float64)
         h = torch.stack([torch.stack([torch.dot(self.rows[i], w) for w in W]) for i in range(lo, hi)])
         h = h.to(device="cpu", dtype=torch.float64)
-        for i in range(lo, hi):
+        for i, coef in zip(range(lo, hi), h.tolist()):
             for c, w in enumerate(W):
-                w.sub_(self.rows[i], alpha=float(h[i - lo, c]))
+                w.sub_(self.rows[i], alpha=coef[c])
         return h
 
     def _norms(self, W: list[Tensor]) -> Tensor:
@@ -559,8 +560,7 @@ class _BlockKrylovSchur:
         hi = m + bc
         W = self._product(self.rows[m:hi])
         self.num_matvecs += bc
-        coupled = torch.nonzero(self.G[:bc, :m].abs().sum(dim=0))
-        lo = int(coupled[0]) if len(coupled) else m
+        lo = min(self.coupled, m)  # G's nonzero columns are among coupled:m
         # local orthogonalisation: against X and the vectors H X couples to (the previous block, or after a restart
         # every kept Ritz vector); the coefficients on X are the new diagonal block of T
         om = self.omega
@@ -627,7 +627,7 @@ class _BlockKrylovSchur:
         om[new, lo:hi] = local[None, :]
         self.G.zero_()
         self.G[:kept, m:hi] = R
-        self.m, self.bc = hi, kept
+        self.m, self.bc, self.coupled = hi, kept, m
 
     # -------------------------------------------------------------------------------- Ritz pairs and restarts
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -660,8 +660,8 @@ class _BlockKrylovSchur:
             return None
         return self._gram_rows(rows)
 
-    def _chunks(self, rows: int) -> Iterator[tuple[int, int, Tensor]]:
-        """``(c0, c1, block)`` over cache-sized column chunks, ``block`` a staged copy of ``rows[:rows][c0:c1]``.
+    def _chunks(self, vectors: list[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
+        """``(c0, c1, block)`` over cache-sized column chunks, ``block`` a staged copy of ``vectors[i][c0:c1]``.
 
         Small GEMMs on a staged chunk run near memory speed, where one over the whole basis would not.
         """
@@ -670,28 +670,36 @@ class _BlockKrylovSchur:
             self._staging = torch.empty(self.capacity * width, dtype=self.dtype, device=self.device)
         for c0 in range(0, self.n, width):
             c1 = min(c0 + width, self.n)
-            block = self._staging[: rows * (c1 - c0)].view(rows, c1 - c0)
-            for i in range(rows):
-                block[i].copy_(self.rows[i][c0:c1])
+            block = self._staging[: len(vectors) * (c1 - c0)].view(len(vectors), c1 - c0)
+            for i, v in enumerate(vectors):
+                block[i].copy_(v[c0:c1])
             yield c0, c1, block
 
     def _gram_rows(self, rows: int) -> Tensor:
         """``V Vᵀ`` of ``rows[:rows]`` in float64, accumulated over the chunks."""
         gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.device)
-        for _, _, block in self._chunks(rows):
+        for _, _, block in self._chunks(self.rows[:rows]):
             gram += block @ block.T
         return gram.cpu()
 
-    def _combine(self, C: Tensor, out: list[Tensor]) -> None:
+    def _combine(self, C: Tensor, out: list[Tensor], extra: list[Tensor] | None = None) -> Tensor | None:
         """``out[j] ← Σᵢ C[i, j] rows[i]`` over ``rows[:C.shape[0]]``, chunk by chunk.
 
-        ``out`` may be ``rows[:l]``: each chunk is staged before it is written.
+        ``out`` may be ``rows[:l]``: each chunk is staged before it is written. With ``extra`` (rows not among the
+        inputs), also returns the Gram matrix of ``out + extra`` as written, in float64, measured on the same pass
+        (the chunks are in cache), where a separate pass would read every row again.
         """
+        r, q = C.shape
         Ct = C.T.to(device=self.device, dtype=self.dtype).contiguous()
-        for c0, c1, block in self._chunks(C.shape[0]):
-            part = Ct @ block
+        gram = None if extra is None else torch.zeros((q + len(extra),) * 2, dtype=torch.float64, device=self.device)
+        for c0, c1, block in self._chunks(self.rows[:r] + (extra or [])):
+            part = Ct @ block[:r]
+            if gram is not None:
+                both = torch.cat([part, block[r:]])
+                gram += both @ both.T
             for j, row in enumerate(out):
                 row[c0:c1] = part[j]
+        return None if gram is None else gram.cpu()
 
     def ritz_vectors(self, S: Tensor) -> Tensor:
         """Unit Ritz vectors ``N S`` as the ``(P, columns of S)`` transpose of a row-major block."""
@@ -699,10 +707,11 @@ class _BlockKrylovSchur:
         C = S if gram is None else self._orthonormalizer(gram) @ S
         Y = torch.empty((C.shape[1], self.n), dtype=self.dtype, device=self.device)
         if C.shape[1] <= 2:  # a few axpys: no staging buffer for the common top-1
-            Y.zero_()
-            for i in range(self.m):
-                for j in range(C.shape[1]):
-                    Y[j].add_(self.rows[i], alpha=float(C[i, j]))
+            coef = C.tolist()
+            for j in range(C.shape[1]):
+                torch.mul(self.rows[0], coef[0][j], out=Y[j])
+                for i in range(1, self.m):
+                    Y[j].add_(self.rows[i], alpha=coef[i][j])
         else:
             self._combine(C, list(Y.unbind(0)))
         Y /= torch.linalg.vector_norm(Y, dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
@@ -718,10 +727,10 @@ class _BlockKrylovSchur:
         m, bc, kept = self.m, self.bc, len(keep)
         gram = self._gram(m + bc)
         Sk = S[:, keep] if gram is None else self._orthonormalizer(gram[:m, :m]) @ S[:, keep]
-        self._combine(Sk, self.rows[:kept])
+        # the basis was orthogonal enough to keep Sₖᵀ V as it is: measure the few rows it now has, on the same pass
+        new = self._combine(Sk, self.rows[:kept], extra=self.rows[m:m + bc] if gram is None else None)
         self.rows = self.rows[:kept] + self.rows[m:m + bc]  # the rest is released
-        if gram is None:  # the basis was orthogonal enough to keep Sₖᵀ V as it is: measure the few rows it now has
-            new = self._gram_rows(kept + bc)
+        if new is not None:
             YY, XY, XX = new[:kept, :kept], new[kept:, :kept], new[kept:, kept:]
         else:  # orthonormal to working precision by construction
             YY, XY, XX = torch.eye(kept, dtype=torch.float64), gram[m:, :m] @ Sk, gram[m:, m:]
@@ -737,7 +746,7 @@ class _BlockKrylovSchur:
         om[:kept, kept:kept + bc] = XY.T
         om[kept:kept + bc, kept:kept + bc] = XX
         om.diagonal().fill_(1.0)
-        self.m = kept
+        self.m, self.coupled = kept, 0
         self.reorth_next = []
 
 
