@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +55,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import interleaved, log, md_table  # noqa: E402
 
 from lightning_curvature import HessianOperator, module_loss_fn  # noqa: E402
-from lightning_curvature.finite_difference import FiniteDifferenceOperator  # noqa: E402
+from lightning_curvature.finite_difference import FiniteDifferenceOperator, race_backends  # noqa: E402
+
+RACES = 5  # runs of backend='auto''s comparison per compiled model
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -244,6 +247,8 @@ def compiled_rows(name: str, model: nn.Module, closure: Callable[[nn.Module], Te
         fns["on_compiled"] = lambda: on_compiled.matvec(v)
     log(f"{name}: timing {len(fns)} candidates x {repeats}")
     t = interleaved(fns, repeats=repeats, warmup=2)
+    # what backend="auto" decides on this compiled module in mode="train": race_backends, as the callback runs it
+    races = [race_backends(exact, fd_c, generator=torch.Generator().manual_seed(i)) for i in range(RACES)]
     exact.release()
     after_timing, breaks = graphs(), sum(counters["graph_break"].values())
     g = t["grad_e"][1]
@@ -263,7 +268,12 @@ def compiled_rows(name: str, model: nn.Module, closure: Callable[[nn.Module], Te
         [name, "exact double backward on `_orig_mod`, graph reused", cell("exact"), f"{errors['exact']:.1e}", ""],
         [name, "exact double backward on `_orig_mod`, from scratch", cell("scratch"), "", ""],
     ] + ([[name, f"exact `{on_compiled.backend}` on the compiled module (auto's fallback)", cell("on_compiled"),
-           f"{errors['on_compiled']:.1e}", ""]] if "on_compiled" in errors else [])
+           f"{errors['on_compiled']:.1e}", ""]] if "on_compiled" in errors else []) + [
+        [name, f"`backend='auto'`, `mode='train'`: `race_backends` ({RACES} runs)",
+         f"FD / exact per product {statistics.median(r.first_order_seconds / r.exact_seconds for r in races):.2f}: "
+         f"picks **{'finite differences' if sum(r.first_order_wins for r in races) > RACES / 2 else 'exact'}** "
+         f"({sum(r.first_order_wins for r in races)}/{RACES} for FD)",
+         f"{statistics.median(r.relative_difference for r in races):.1e} vs exact", ""]]
 
 
 def compiled_table(repeats: int) -> str:

@@ -145,6 +145,48 @@ def test_lanczos_and_hutchinson_through_the_operator():
     assert abs(fd.value - float(H.trace())) <= 4 * fd.stderr
 
 
+class _Clocked:
+    """An operator whose every product takes ``seconds`` of a fake clock (the first one ``first`` seconds)."""
+
+    def __init__(self, op, clock, seconds, first=None):
+        self.op, self.clock, self.seconds, self.first, self.calls = op, clock, seconds, first, 0
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+
+    def matvec(self, v):
+        self.clock[0] += self.first if self.calls == 0 and self.first is not None else self.seconds
+        self.calls += 1
+        return self.op.matvec(v)
+
+
+@pytest.mark.parametrize("problem", ["gelu_transformer", "relu_cnn"])
+def test_race_of_the_backends_times_products_and_compares_them_to_the_exact_ones(problem):
+    from lightning_curvature.finite_difference import race_backends
+
+    case = FD_PROBLEMS[FD_PROBLEM_IDS.index(problem)]
+    model, x, y, H = _float32_case(problem)
+    exact = HessianOperator.from_module(model, case.criterion, x, y)
+    fd = FiniteDifferenceOperator(model, _closure(case, x, y))
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    # the warm-up product (100 s) is not timed; then the fastest of 2 products each
+    race = race_backends(_Clocked(exact, now, 2.0, first=100.0), _Clocked(fd, now, 1.0, first=100.0),
+                         generator=torch.Generator().manual_seed(0), clock=clock)
+    assert (race.exact_seconds, race.first_order_seconds) == (2.0, 1.0)
+    assert race.tolerance == 1e-3
+    # the difference is the first-order product's error on one random unit vector, against exact float64
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    v /= v.norm()
+    expected = float(_relative_errors(fd.matvec(v)[:, None], (H @ v.double())[:, None])[0])
+    assert race.relative_difference == pytest.approx(expected, rel=0.05, abs=1e-6)
+    if problem == "gelu_transformer":  # smooth: agrees to 1e-3 (measured 2e-5), and faster: used
+        assert race.relative_difference <= 1e-4 and race.first_order_wins
+    slower = race_backends(_Clocked(exact, now, 1.0), _Clocked(fd, now, 1.5), clock=clock, repeats=1)
+    assert slower.first_order_seconds == 1.5 and not slower.first_order_wins
+    assert "finite-difference products 1500.0 ms, exact 1000.0 ms" in slower.describe()
+    with pytest.raises(ValueError, match="repeats"):
+        race_backends(exact, fd, repeats=0)
+
+
 # ---------------------------------------------------------------------------------------------------- invisible
 class _Net(nn.Module):
     def __init__(self) -> None:

@@ -411,8 +411,8 @@ def test_parameters_outside_every_optimizer_are_not_differentiated():
 
 # ---------------------------------------------------------------------------------------------------- torch.compile
 class Compiled(MLP):
-    def __init__(self, backend):
-        super().__init__(dropout=0.2)
+    def __init__(self, backend, dropout=0.2):
+        super().__init__(dropout=dropout)
         self.body = torch.compile(self.body, backend=backend)
 
 
@@ -479,6 +479,83 @@ def test_finite_difference_products_run_the_compiled_graph_without_recompiling()
     # and one more per estimate (the kink check's gradient at θ)
     products = cb.last_metrics["num_hvps"]
     assert with_cb["compiled"] - without["compiled"] >= 2 * (2 * products + 1)
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_order_faster", [True, False])
+def test_auto_on_a_compiled_module_uses_the_faster_of_the_backends(first_order_faster, monkeypatch, caplog):
+    """backend='auto', mode='train': exact products on the original modules and finite differences through the
+    compiled graphs are timed once (a fake clock: 2 s an exact product, 1 s or 3 s a first-order one); the faster is
+    used from then on, the training's graphs are never recompiled, and the values are those of the eager module."""
+    from lightning_curvature.finite_difference import FiniteDifferenceOperator
+
+    clock = _FakeClock()
+    for cls, seconds in ((HessianOperator, 2.0), (FiniteDifferenceOperator, 1.0 if first_order_faster else 3.0)):
+        def timed(self, v, original=cls.matvec, seconds=seconds):
+            clock.now += seconds
+            return original(self, v)
+
+        monkeypatch.setattr(cls, "matvec", timed)
+    torch._dynamo.reset()
+    backend, without = _counting_backend()
+    _, reference = train(lambda: Compiled(backend, dropout=0.0), (), steps=4)
+    torch._dynamo.reset()
+    backend2, with_cb = _counting_backend()
+    cb = monitor(mode="train", top_k=1, tol=1e-5, max_iter=40, metrics=["eigenvalues"])
+    cb._clock = clock
+    trainer, model = train(lambda: Compiled(backend2, dropout=0.0), (cb,), steps=4)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert cb._num_estimates == 2 and with_cb["graphs"] == without["graphs"] == 1  # nothing recompiled
+    assert cb._first_order is first_order_faster
+    lines = [r.getMessage() for r in caplog.records if "backend='auto'" in r.getMessage()]
+    assert len(lines) == 1, lines  # compared once, said once
+    assert ("using finite-difference products through the compiled graphs" in lines[0]) is first_order_faster
+    assert "finite-difference products 1000.0 ms, exact 2000.0 ms" in lines[0] or not first_order_faster
+    # the products of the chosen backend give the eager module's value
+    eager = MLP()
+    eager.load_state_dict({k.replace("._orig_mod", ""): v for k, v in model.state_dict().items()})
+    x, y = classification_data().tensors
+    batch = [((x[:16], y[:16]), 0)]
+    got = cb.estimate(model, batch)["eig_1"]
+    exact = monitor(mode="train", top_k=1, tol=1e-6, max_iter=40).estimate(eager, batch)["eig_1"]
+    assert got == pytest.approx(exact, rel=1e-3 if first_order_faster else 1e-5)
+
+
+@pytest.mark.slow
+def test_auto_on_a_compiled_module_keeps_exact_products_when_finite_differences_disagree(monkeypatch, caplog):
+    """Finite differences that are faster but wrong (here: perturbed by 1%) are not used."""
+    from lightning_curvature.finite_difference import FiniteDifferenceOperator
+
+    original = FiniteDifferenceOperator.matvec
+    monkeypatch.setattr(FiniteDifferenceOperator, "matvec", lambda self, v: 1.01 * original(self, v))
+    cb = monitor(mode="train", top_k=1, metrics=["eigenvalues"])
+    cb._clock = _FakeClock()  # every product takes no time: the first-order one is not slower
+    torch._dynamo.reset()
+    backend, _ = _counting_backend()
+    train(lambda: Compiled(backend, dropout=0.0), (cb,), steps=2)
+    assert cb._raced and not cb._first_order
+    lines = [r.getMessage() for r in caplog.records if "backend='auto'" in r.getMessage()]
+    assert len(lines) == 1 and "relative difference 0.01" in lines[0] and "exact products" in lines[0]
+
+
+def test_auto_compares_the_backends_only_where_finite_differences_run_the_training_graph():
+    backend, _ = _counting_backend()
+    compiled, plain = Compiled(backend, dropout=0.0), MLP()
+    params = dict(compiled.named_parameters())
+    assert monitor(mode="train")._race_due(compiled, params)
+    assert not monitor(mode="eval")._race_due(compiled, params)  # an eval-mode gradient compiles another graph
+    assert not monitor(mode="train")._race_due(plain, params)  # not compiled: exact products
+    assert not monitor(mode="train", dtype="float64")._race_due(compiled, params)  # a cast recompiles
+    assert not monitor(mode="train", backend="double-backward")._race_due(compiled, params)  # an explicit choice
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face

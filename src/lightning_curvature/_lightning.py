@@ -54,6 +54,17 @@ def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs ``torch.compile``d code.
+
+    A compiled submodule (dynamo's ``OptimizedModule``), or a LightningModule compiled as a whole and handed to
+    ``Trainer.fit`` (Lightning keeps its ``_compiler_ctx``).
+    """
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
+
+
 def is_sharded(strategy: Any) -> bool:
     """Whether the strategy shards the parameters across processes (FSDP2 through ``ModelParallelStrategy``)."""
     return type(strategy).__name__ == "ModelParallelStrategy"

@@ -28,11 +28,13 @@ from ._lightning import (
     check_strategy,
     differentiated_parameters,
     draw_fixed_batches,
+    is_compiled,
     is_sharded,
     max_over_ranks,
     world_size,
 )
 from .budget import CadenceBudget
+from .finite_difference import race_backends
 from .isolation import ErrorBoundary, NonFiniteError, isolated
 from .operators import HVPUnsupportedError
 from .options import DEFAULT_METRICS, MonitorOptions, args_doc
@@ -143,9 +145,11 @@ class CurvatureMonitor(Callback):
         self.boundary = ErrorBoundary("CurvatureMonitor", recurring=(HVPUnsupportedError,), warn=_warn)
         self._last_step = -1
         self._seen_step = -1
+        self._clock = time.perf_counter  # of the backend comparison (tests pass a fake one)
         self._micro_step, self._micro = -1, []  # micro-batches of the step being collected (accumulation="step")
         self._num_estimates = 0
-        self._first_order = False  # "auto" found no exact backend: finite differences from now on
+        self._first_order = False  # "auto" found no exact backend, or a faster one: finite differences from now on
+        self._raced = False  # "auto" on a compiled module: the two backends were compared (once)
         self._sharded = False  # FSDP2: finite differences of the strategy's own (already averaged) gradients
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
@@ -378,6 +382,8 @@ class CurvatureMonitor(Callback):
             if not params:
                 raise ValueError("no parameter with requires_grad=True is in the optimizer's parameter groups")
             with isolated(pl_module):
+                if self._race_due(pl_module, params):
+                    self._race(pl_module, batches, params, weights)
                 try:
                     out, op = attempt("finite-difference" if self._first_order else None)
                 except HVPUnsupportedError as err:
@@ -397,6 +403,46 @@ class CurvatureMonitor(Callback):
         out["seconds"] = time.perf_counter() - start
         self.last_metrics = out
         return out
+
+    def _race_due(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> bool:
+        """Whether to compare the backends now: ``"auto"`` on a compiled module, the first time.
+
+        Only where the finite-difference products can run the training's own compiled graphs: ``mode="train"`` (an
+        eval-mode gradient through a compiled module compiles another graph), the parameters' own dtype, the
+        Hessian, one process.
+        """
+        o = self.options
+        return (o.backend == "auto" and not self._raced and not self._first_order and not self._sharded
+                and o.curvature == "hessian" and o.mode == "train" and world_size() == 1 and is_compiled(pl_module)
+                and all(p.dtype == o.torch_dtype for p in params.values()))
+
+    def _race(self, pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
+              weights: list[float] | None) -> None:
+        """Time exact products (on the original modules) against finite differences (through the compiled graphs).
+
+        The faster is used from now on, the finite differences only where they agree with the exact products (see
+        :func:`~lightning_curvature.finite_difference.race_backends`); said once in a log line. A comparison that
+        fails leaves the exact products in place.
+        """
+        self._raced = True
+        ops: list[Any] = []
+        try:
+            for backend in (None, "finite-difference"):
+                ops.append(build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
+                                          weights=weights, backend=backend))
+            race = race_backends(ops[0], ops[1], generator=torch.Generator().manual_seed(self._num_estimates),
+                                 clock=self._clock)
+        except Exception as err:  # e.g. no exact backend works: the estimate's own fallback handles it
+            rank_zero_info(f"CurvatureMonitor: could not compare the backends on this compiled module "
+                           f"({type(err).__name__}: {err}); exact products on the original modules.")
+            return
+        finally:
+            for op in ops:
+                op.release()
+        self._first_order = race.first_order_wins
+        choice = ("finite-difference products through the compiled graphs" if race.first_order_wins
+                  else "exact products on the original modules")
+        rank_zero_info(f"CurvatureMonitor: compiled module, backend='auto': {race.describe()}; using {choice}.")
 
     # ------------------------------------------------------------------ output
     def _log(self, trainer: pl.Trainer, values: dict[str, float]) -> None:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,7 +39,7 @@ try:  # numpy is a torch dependency in practice, but not a hard one
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["FiniteDifferenceOperator", "default_relative_step"]
+__all__ = ["BackendRace", "FiniteDifferenceOperator", "default_relative_step", "race_backends"]
 
 MODES: tuple[str, ...] = ("eval", "train")
 
@@ -504,3 +506,69 @@ class FiniteDifferenceOperator:
         with torch.no_grad():
             self._restore_buffers()
         return grad, float(loss.detach())
+
+
+@dataclass(frozen=True)
+class BackendRace:
+    """What :func:`race_backends` measured: seconds per product of each operator and how far apart they are."""
+
+    exact_seconds: float
+    first_order_seconds: float
+    relative_difference: float  # ‖Ĥv − Hv‖ / ‖Hv‖ on one random unit vector
+    tolerance: float
+
+    @property
+    def first_order_wins(self) -> bool:
+        """The first-order products agree with the exact ones to ``tolerance`` and are faster."""
+        return self.relative_difference <= self.tolerance and self.first_order_seconds < self.exact_seconds
+
+    def describe(self) -> str:
+        return (f"finite-difference products {1e3 * self.first_order_seconds:.1f} ms, exact "
+                f"{1e3 * self.exact_seconds:.1f} ms, relative difference {self.relative_difference:.2g} (at most "
+                f"{self.tolerance:.0e} to be used)")
+
+
+def race_backends(exact: object, first_order: object, *, generator: torch.Generator | None = None,
+                  repeats: int = 2, tolerance: float = 1e-3,
+                  clock: Callable[[], float] = time.perf_counter) -> BackendRace:
+    r"""Time one product of two operators of the same Hessian and compare their values: which one to use.
+
+    Each operator multiplies the same random unit vector ``1 + repeats`` times; the first product is warm-up (the
+    exact backend builds its first-order graph, a compiled module runs its first call) and the fastest of the others
+    is its cost per product, as inside an estimate where every product after the first reuses what the first built.
+    The first-order product is accepted only when ``‖Ĥv − Hv‖ ≤ tolerance ‖Hv‖`` (default ``1e-3``: what smooth
+    float32 models give, see :class:`FiniteDifferenceOperator`; a ReLU kink between ``θ ± εv``, or a compiled module
+    drawing other dropout masks than the eager one, fails it). Costs ``2 (1 + repeats)`` products, once.
+
+    Args:
+        exact: an operator with exact products (``matvec``, ``shape``, ``dtype``, ``device``).
+        first_order: a :class:`FiniteDifferenceOperator` of the same loss.
+        generator: source of the random vector.
+        repeats: timed products of each, after the warm-up one (at least 1).
+        tolerance: the largest relative difference at which the first-order products may be used.
+        clock: seconds (default ``time.perf_counter``); tests pass a fake one.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}.")
+    n = exact.shape[0]  # type: ignore[attr-defined]
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    v = torch.randn(n, generator=generator, device=gen_device, dtype=exact.dtype)  # type: ignore[attr-defined]
+    v = (v / torch.linalg.vector_norm(v)).to(exact.device)  # type: ignore[attr-defined]
+
+    def timed(op: object) -> tuple[Tensor, float]:
+        out, best = op.matvec(v), math.inf  # type: ignore[attr-defined]
+        for _ in range(repeats):
+            start = clock()
+            out = op.matvec(v)  # type: ignore[attr-defined]
+            best = min(best, clock() - start)
+        return out, best
+
+    hv, t_exact = timed(exact)
+    fd, t_first = timed(first_order)
+    hv = hv.to(torch.float64)
+    diff = torch.linalg.vector_norm(fd.to(device=hv.device, dtype=torch.float64) - hv)
+    scale = torch.linalg.vector_norm(hv)
+    rel = float(diff / scale) if float(scale) > 0 else (0.0 if float(diff) == 0 else math.inf)
+    if not math.isfinite(rel):
+        rel = math.inf
+    return BackendRace(t_exact, t_first, rel, tolerance)
