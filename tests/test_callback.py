@@ -336,6 +336,40 @@ def test_op_without_second_derivatives_falls_back_to_finite_differences_under_au
     assert a["eig_1"] == pytest.approx(b["eig_1"], rel=1e-3) and a["eig_2"] == pytest.approx(b["eig_2"], rel=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["auto", "double-backward"])
+def test_exact_products_out_of_memory_fall_back_to_finite_differences(tmp_path, caplog, monkeypatch, backend):
+    """An exact product that runs out of memory: "auto" measures with finite differences from then on (one log line,
+    values); an explicitly named exact backend skips the estimate with one warning, as any out-of-memory does."""
+    calls = []
+
+    def out_of_memory(self, v):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB\nmore details")
+
+    monkeypatch.setattr(HessianOperator, "matvec", out_of_memory)
+    cb = CurvatureMonitor(every_n_train_steps=2, top_k=1, max_iter=40, tol=1e-4, metrics=["eigenvalues"],
+                          backend=backend)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, model = fit(tmp_path, [cb], model=Net(batchnorm=False, dropout=0.0), max_steps=5)
+    messages = [str(w.message) for w in record if "CurvatureMonitor" in str(w.message)]
+    lines = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert trainer.global_step == 5 and not cb.disabled
+    if backend == "auto":
+        assert messages == [] and cb._first_order and cb._num_estimates == 3 and len(calls) == 1
+        assert lines == ["CurvatureMonitor: exact Hessian-vector products ran out of memory (CUDA out of memory. Tried "
+                         "to allocate 4.00 GiB); using backend='finite-difference' (central differences of ordinary "
+                         "gradients)."]
+        monkeypatch.undo()
+        x, y = make_data().tensors
+        batch = [((x[:16], y[:16]), 0)]
+        exact = CurvatureMonitor(top_k=1, max_iter=40, tol=1e-6, metrics=["eigenvalues"]).estimate(model, batch)
+        assert cb.estimate(model, batch)["eig_1"] == pytest.approx(exact["eig_1"], rel=1e-3)
+    else:
+        assert cb._num_estimates == 0 and not cb._first_order and lines == []
+        assert len(messages) == 1 and "skipped an estimate: out of memory" in messages[0]
+
+
 # ---------------------------------------------------------------- bad input
 
 

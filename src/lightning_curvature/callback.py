@@ -384,14 +384,24 @@ class CurvatureMonitor(Callback):
             with isolated(pl_module):
                 if self._race_due(pl_module, params):
                     self._race(pl_module, batches, params, weights)
+                why = None
                 try:
                     out, op = attempt("finite-difference" if self._first_order else None)
                 except HVPUnsupportedError as err:
                     if self.options.backend != "auto" or self._first_order:
                         raise
+                    why = f"are not possible here ({err})"
+                except torch.OutOfMemoryError as err:
+                    # one process only: under DDP another process may not have run out, and would not follow
+                    if self.options.backend != "auto" or self._first_order or world_size() > 1:
+                        raise
+                    why = f"ran out of memory ({str(err).splitlines()[0] if str(err) else 'no message'})"
+                if why is not None:  # outside the except clause: its traceback no longer holds the failed graph
                     self._first_order = True  # no exact backend works for this model: first-order products
-                    rank_zero_info(f"CurvatureMonitor: exact Hessian-vector products are not possible here ({err}); "
-                                   "using backend='finite-difference' (central differences of ordinary gradients).")
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    rank_zero_info(f"CurvatureMonitor: exact Hessian-vector products {why}; using "
+                                   "backend='finite-difference' (central differences of ordinary gradients).")
                     out, op = attempt("finite-difference")
             out["num_hvps"] = float(op.num_matvecs)
             return out

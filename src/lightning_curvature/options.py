@@ -211,9 +211,9 @@ class MonitorOptions:
         "auto", f"Hessian-vector products: one of {MONITOR_BACKENDS}. ``\"auto\"``: exact products (double "
         "backward, else forward-over-reverse), and central differences of ordinary gradients "
         "(``\"finite-difference\"``) where no exact backend works (reentrant checkpointing, ops without "
-        "second derivatives), or, on a ``torch.compile``d module with ``mode=\"train\"``, where one timed product of "
-        "each shows them faster and within 1e-3 of the exact one; said once in a log line. See Backends in the "
-        "README.", _choice(MONITOR_BACKENDS),
+        "second derivatives, an exact product out of memory in a one-process run), or, on a ``torch.compile``d "
+        "module with ``mode=\"train\"``, where one timed product of each shows them faster and within 1e-3 of the "
+        "exact one; said once in a log line. See Backends in the README.", _choice(MONITOR_BACKENDS),
         price="double backward: about 1.7 gradients a product; forward-over-reverse about 4.6; finite "
         "differences 2 (one more per estimate).")
     dtype: str = _opt(
