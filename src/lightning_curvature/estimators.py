@@ -433,6 +433,7 @@ class _BlockKrylovSchur:
         b = start.shape[0]
         self.rows: list[Tensor] = []
         self._staging: Tensor | None = None  # (capacity, chunk) buffer for the chunked GEMMs, made on first use
+        self._measured: Tensor | None = None  # the Gram matrix of rows[:len] measured at the latest restart
         self.T = torch.zeros((capacity, capacity), dtype=torch.float64)
         self.G = torch.zeros((b, capacity), dtype=torch.float64)
         self.omega = torch.eye(capacity, dtype=torch.float64)
@@ -658,6 +659,8 @@ class _BlockKrylovSchur:
         E = self.omega[:rows, :rows] - torch.eye(rows, dtype=torch.float64)
         if rows == 0 or float(E.abs().max()) <= self.delta:
             return None
+        if self._measured is not None and rows <= self._measured.shape[0]:
+            return self._measured[:rows, :rows]  # rows are never rewritten between restarts: still exact
         return self._gram_rows(rows)
 
     def _chunks(self, vectors: list[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
@@ -730,6 +733,7 @@ class _BlockKrylovSchur:
         # the basis was orthogonal enough to keep Sₖᵀ V as it is: measure the few rows it now has, on the same pass
         new = self._combine(Sk, self.rows[:kept], extra=self.rows[m:m + bc] if gram is None else None)
         self.rows = self.rows[:kept] + self.rows[m:m + bc]  # the rest is released
+        self._measured = new
         if new is not None:
             YY, XY, XX = new[:kept, :kept], new[kept:, :kept], new[kept:, kept:]
         else:  # orthonormal to working precision by construction
