@@ -594,6 +594,28 @@ def test_hugging_face_gpt2(mode, checkpointing):
         assert outs[0]["eig_1"] == pytest.approx(outs[1]["eig_1"], rel=1e-4)
 
 
+@pytest.mark.parametrize("model", ["mlp", "gpt2"])
+def test_finite_differences_in_eval_mode_measure_the_eval_mode_hessian(model):
+    """The callback's first-order products keep ``mode="eval"`` for every gradient of a module with dropout (our MLP
+    with BatchNorm, Hugging Face's GPT-2), though the wrapper that restores the module's Python state after each
+    gradient puts back the ``training`` flags it had when the estimate started (it used to: 24x the exact product)."""
+    if model == "gpt2":
+        pl_module = TinyGPT2()
+        x, _ = token_data().tensors
+        batch = [((x[:8], x[:8]), 0)]
+    else:
+        torch.manual_seed(0)
+        pl_module = MLP(dropout=0.5, batchnorm=True)
+        x, y = classification_data().tensors
+        batch = [((x[:16], y[:16]), 0)]
+    pl_module.train()  # as during training
+    values = {backend: monitor(mode="eval", tol=1e-6, max_iter=60, metrics=["eigenvalues"],
+                               backend=backend).estimate(pl_module, batch)["eig_1"]
+              for backend in ("finite-difference", "auto")}
+    assert values["finite-difference"] == pytest.approx(values["auto"], rel=1e-3)
+    assert pl_module.training
+
+
 def test_estimates_of_a_huggingface_model_match_a_dense_hessian_of_its_head():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=12, n_positions=8, bos_token_id=0,

@@ -425,7 +425,6 @@ class FiniteDifferenceOperator:
                     saved = [None if torch.equal(_local(p), base) else _local(p).clone()
                              for p, base in zip(self._targets, self._base)]
             self._buffers = [(b, b.detach().clone()) for b in buffers]
-            module.train(self.mode == "train")
             with contextlib.ExitStack() as stack:
                 stack.enter_context(rng_guard(self._cuda))
                 stack.enter_context(torch.enable_grad())
@@ -492,6 +491,9 @@ class FiniteDifferenceOperator:
                 torch.add(base, part, alpha=eps, out=_local(p))
         for p in self.module.parameters():
             p.grad = None
+        # the mode, for every gradient: the closure may change the flags (a wrapper that restores the module's Python
+        # state after each call puts back the training-time ``training`` flags), and the next gradient must not see it
+        self.module.train(self.mode == "train")
         self._reset_rng()
         loss = self.closure(self.module)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
