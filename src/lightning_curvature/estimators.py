@@ -421,8 +421,8 @@ class _BlockKrylovSchur:
     ``(m, m)`` symmetric projection, ``X = rows[m:m + bc]`` the residual block and ``G`` its ``(bc, m)`` coupling;
     ``T``, ``G`` and the estimated inner products ``omega`` are small float64 matrices on the CPU. At most ``capacity``
     rows of length ``P`` are alive. A new row *is* the product's own output, orthogonalised and normalised in place:
-    no copy into a preallocated block, whose fresh pages would cost more than the rest of a step (writing 6 MB into
-    new memory takes ~10 ms on a CPU VM, into reused memory ~0.4 ms; the product has already paid for its output). A
+    no copy into a preallocated block, whose fresh pages cost page faults (writing 6 MB into new memory took 1.4 ms
+    on this project's CPU VM, into reused memory 0.08 ms; the product has already paid for its output). A
     restart rewrites the kept rows in place and drops the rest.
     """
 

@@ -161,9 +161,9 @@ class MonitorOptions:
         None, "the largest share of training wall time the estimates may take (``0.05``: 5%): the callback times "
         "its estimates and the training between them (validation excluded) and stretches the cadence to stay within "
         "it, the first (step 0, cold) estimate included: the second waits until training has paid for both. "
-        "``None``: ``0.05`` when "
-        "``every_n_train_steps`` is ``None``, otherwise no budget (an explicit cadence is kept exactly). With both "
-        "set: estimates only at multiples of ``every_n_train_steps``, as far apart as the budget needs.",
+        "``None``: ``0.05`` when ``every_n_train_steps`` is ``None``, otherwise no budget (an explicit cadence is "
+        "kept exactly). With both set: estimates only at multiples of ``every_n_train_steps``, as far apart as the "
+        "budget needs.",
         _optional(_positive_float),
         price="sets the cost directly: estimates take at most this share of training time, counted over the run.")
     top_k: int = _opt(
