@@ -433,6 +433,7 @@ class _BlockKrylovSchur:
         b = start.shape[0]
         self.rows: list[Tensor] = []
         self._staging: Tensor | None = None  # (capacity, chunk) buffer for the chunked GEMMs, made on first use
+        self._written: Tensor | None = None  # (capacity, chunk) buffer for their results
         self._measured: Tensor | None = None  # the Gram matrix of rows[:len] measured at the latest restart
         self.T = torch.zeros((capacity, capacity), dtype=torch.float64)
         self.G = torch.zeros((b, capacity), dtype=torch.float64)
@@ -562,19 +563,30 @@ class _BlockKrylovSchur:
         W = self._product(self.rows[m:hi])
         self.num_matvecs += bc
         lo = min(self.coupled, m)  # G's nonzero columns are among coupled:m
-        # local orthogonalisation: against X and the vectors H X couples to (the previous block, or after a restart
-        # every kept Ritz vector); the coefficients on X are the new diagonal block of T
         om = self.omega
         tiny = torch.finfo(torch.float64).tiny
-        h, after, before = self._orthogonalize(W, lo, hi, "never")
+        # H Vᵀ = Vᵀ T + Xᵀ G, so the coefficients of H X on the vectors it couples to (the previous block, or after a
+        # restart every kept Ritz vector) are Gᵀ, already known: subtract them without measuring them (the three-term
+        # recurrence of Lanczos, Paige 1976). What rounding leaves along those vectors is estimated with all the others
+        # below (the ω-recurrence), not assumed away.
+        Gc = self.G[:bc, lo:m]
+        if m > lo:
+            for w, coefs in zip(W, Gc.tolist()):
+                for i, g in enumerate(coefs, start=lo):
+                    if g != 0.0:
+                        w.sub_(self.rows[i], alpha=g)
+        # then one measured pass against X itself: its coefficients are the new diagonal block of T
+        A, after, before = self._orthogonalize(W, m, hi, "never")
+        before = (Gc.pow(2).sum(dim=1) + before.pow(2)).sqrt()  # ‖H x‖ by Pythagoras
         self.anorm = max(self.anorm, float(before.max()))
-        # what one pass leaves along the vectors it projected out: rounding, plus their own non-orthogonality times h;
-        # a second pass only where that exceeds δ (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
-        E = (om[lo:hi, lo:hi] - torch.eye(hi - lo, dtype=torch.float64)).abs()
-        local = (self.eps * float(before.max()) + (E @ h.abs()).amax(dim=1)) / max(float(after.min()), tiny)
+        # what that pass leaves along X: rounding, plus X's own non-orthogonality times A; a second pass only where
+        # that exceeds δ (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
+        E = (om[m:hi, m:hi] - torch.eye(bc, dtype=torch.float64)).abs()
+        local = (self.eps * float(before.max()) + (E @ A.abs()).amax(dim=1)) / max(float(after.min()), tiny)
         if float(local.max()) > self.delta:
-            h += self._project_out(W, lo, hi)
+            A += self._project_out(W, m, hi)
             local.fill_(self.eps)
+        h = torch.cat([Gc.T, A])  # every coefficient subtracted, on rows[lo:hi]
         # the vectors the previous step reorthogonalised against: again now (Simon 1984: the next vector inherits their
         # components through the recurrence)
         again, self.reorth_next = self.reorth_next, []
@@ -582,7 +594,6 @@ class _BlockKrylovSchur:
             self._project_out(W, a, b)
         if again or float(local.max()) == self.eps:
             after = self._norms(W)
-        A = h[m - lo:]
         T = self.T
         T[m:hi, m:hi] = (A + A.T) / 2
         T[m:hi, :m] = self.G[:bc, :m]
@@ -592,12 +603,13 @@ class _BlockKrylovSchur:
         om[new, :] = 0.0
         om[:, new] = 0.0
         om[new, new] = torch.eye(kept, dtype=torch.float64)
-        est = torch.full((lo, kept), self.eps, dtype=torch.float64)
-        if lo > 0 and not replaced and kept == bc:
-            # partial reorthogonalisation (Simon 1984): estimate how far the new block drifted from the vectors it
-            # was not orthogonalised against, from the recurrence itself. For k < lo, H vₖ = Σⱼ T[j, k] vⱼ, so
-            # vₖᵀ W = Σⱼ T[j, k] ω[j, X] − Σ_{j local} ω[k, j] h[j, :], and W = Rᵀ Q (rows); plus rounding.
-            M = T[:hi, :lo].T @ om[:hi, m:hi] - om[:lo, lo:hi] @ h
+        est = torch.full((m, kept), self.eps, dtype=torch.float64)
+        if m > 0 and not replaced and kept == bc:
+            # partial reorthogonalisation (Simon 1984): estimate how far the new block drifted from every vector
+            # before X, from the recurrence itself. For k < m, H vₖ = Σⱼ T[j, k] vⱼ (j < hi: T[X, :m] is G), so
+            # vₖᵀ W = Σⱼ T[j, k] ω[j, X] − Σ_{j in lo:hi} ω[k, j] h[j, :], and W = Rᵀ Q (rows); plus rounding. For
+            # the coupled vectors the leading terms cancel (T[X, k] = h[k]): what is left is their drift.
+            M = T[:hi, :m].T @ om[:hi, m:hi] - om[:m, lo:hi] @ h
             est = torch.linalg.solve_triangular(R.T, M.T, upper=False).T
             noise = _NOISE * self.eps * self.anorm / max(float(R.diagonal().abs().min()), tiny)
             est = est + torch.where(est >= 0, noise, -noise)
@@ -615,7 +627,7 @@ class _BlockKrylovSchur:
                 R2, kept, _ = self._normalize_block(Q, self._norms(Q), torch.ones(kept, dtype=torch.float64))
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
-        elif lo > 0:
+        elif m > 0:
             # a row was replaced or dropped (rare): orthogonalise the others against the whole basis too
             Q = self.rows[hi:]
             del self.rows[hi:]
@@ -623,9 +635,9 @@ class _BlockKrylovSchur:
             R2, kept, _ = self._normalize_block(Q, after, torch.ones(kept, dtype=torch.float64))
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
             local.fill_(self.eps)
-        om[:lo, new], om[new, :lo] = est, est.T
-        om[lo:hi, new] = local[:, None]
-        om[new, lo:hi] = local[None, :]
+        om[:m, new], om[new, :m] = est, est.T
+        om[m:hi, new] = local[:, None]
+        om[new, m:hi] = local[None, :]
         self.G.zero_()
         self.G[:kept, m:hi] = R
         self.m, self.bc, self.coupled = hi, kept, m
@@ -674,8 +686,7 @@ class _BlockKrylovSchur:
         for c0 in range(0, self.n, width):
             c1 = min(c0 + width, self.n)
             block = self._staging[: len(vectors) * (c1 - c0)].view(len(vectors), c1 - c0)
-            for i, v in enumerate(vectors):
-                block[i].copy_(v[c0:c1])
+            torch.stack([v[c0:c1] for v in vectors], out=block)
             yield c0, c1, block
 
     def _gram_rows(self, rows: int) -> Tensor:
@@ -693,15 +704,20 @@ class _BlockKrylovSchur:
         (the chunks are in cache), where a separate pass would read every row again.
         """
         r, q = C.shape
+        e = len(extra or [])
         Ct = C.T.to(device=self.device, dtype=self.dtype).contiguous()
-        gram = None if extra is None else torch.zeros((q + len(extra),) * 2, dtype=torch.float64, device=self.device)
+        gram = None if extra is None else torch.zeros((q + e,) * 2, dtype=torch.float64, device=self.device)
+        width = min(_RESTART_CHUNK, self.n)
+        if self._written is None or self._written.numel() < (q + e) * width:
+            self._written = torch.empty(self.capacity * width, dtype=self.dtype, device=self.device)
         for c0, c1, block in self._chunks(self.rows[:r] + (extra or [])):
-            part = Ct @ block[:r]
+            part = self._written[: (q + e) * (c1 - c0)].view(q + e, c1 - c0)  # the new rows, then the extra ones
+            torch.mm(Ct, block[:r], out=part[:q])
             if gram is not None:
-                both = torch.cat([part, block[r:]])
-                gram += both @ both.T
+                part[q:].copy_(block[r:])
+                gram += part @ part.T
             for j, row in enumerate(out):
-                row[c0:c1] = part[j]
+                row[c0:c1].copy_(part[j])
         return None if gram is None else gram.cpu()
 
     def ritz_vectors(self, S: Tensor) -> Tensor:
@@ -885,12 +901,15 @@ def lanczos(
     length ``P`` (the rows, each a product's own output) plus one chunk-sized staging buffer, however many products
     ``max_iter`` allows.
 
-    **Cheap steps.** The product's output becomes the new vector in place. A step orthogonalises it only against the
-    vectors ``H X`` couples to (the previous block; after a restart, the kept Ritz vectors): one classical
-    Gram-Schmidt pass, a second only where what one pass leaves (rounding, plus those vectors' own non-orthogonality
-    times the coefficients) exceeds the threshold ``δ`` below; the "twice is enough" norm-drop test (Daniel, Gragg,
-    Kaufman & Stewart 1976) would fire at nearly every Lanczos step. The loss of orthogonality to the rest of the
-    basis is *estimated* from the recurrence itself (Simon 1984's ω-recurrence, written for a dense ``T``); when an
+    **Cheap steps.** The product's output becomes the new vector in place. Its coefficients on the vectors ``H X``
+    couples to (the previous block; after a restart, the kept Ritz vectors) are known, ``V H Xᵀ = Gᵀ``, and are
+    subtracted without being measured, as in the three-term recurrence of plain Lanczos (Paige 1976); only the
+    coefficients on ``X`` itself (the new diagonal block of ``T``) cost dots: one classical Gram-Schmidt pass, a second
+    only where what one pass leaves (rounding, plus ``X``'s own non-orthogonality times the coefficients) exceeds the
+    threshold ``δ`` below; the "twice is enough" norm-drop test (Daniel, Gragg, Kaufman & Stewart 1976) would fire at
+    nearly every Lanczos step. So a one-vector step reads the new vector five times (a dot, two axpys, a norm, the
+    normalisation). The loss of orthogonality to every earlier vector, the coupled ones included, is *estimated*
+    from the recurrence itself (Simon 1984's ω-recurrence, written for a dense ``T``); when an
     estimate exceeds ``δ``, the block is orthogonalised against the vectors whose estimate exceeds ``ε^¼ δ`` (Simon's
     partial reorthogonalisation), then and at the next step. ``δ = √ε`` (semi-orthogonality) keeps ``T`` accurate to
     ``O(ε ‖H‖)`` (Simon 1984), so no ghost copies appear, but Ritz vectors of such a basis are accurate to
