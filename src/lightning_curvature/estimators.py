@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -384,10 +385,10 @@ def _lanczos_steps(op: CurvatureOperator, q0: Tensor, max_steps: int) -> Lanczos
                                 num_matvecs=m)
 
 
-def _runs(mask: Tensor) -> list[tuple[int, int]]:
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """The ``[a, b)`` runs of true entries of a boolean vector."""
     runs: list[tuple[int, int]] = []
-    for i in torch.nonzero(mask).flatten().tolist():
+    for i in np.flatnonzero(mask).tolist():
         if runs and runs[-1][1] == i:
             runs[-1] = (runs[-1][0], i + 1)
         else:
@@ -395,21 +396,22 @@ def _runs(mask: Tensor) -> list[tuple[int, int]]:
     return runs
 
 
-def _wanted_order(theta: Tensor, which: str) -> Tensor:
+def _wanted_order(theta: np.ndarray, which: str) -> np.ndarray:
     """Indices of the Ritz values ``theta``, most wanted first."""
     if which == "LA":
-        return torch.argsort(theta, descending=True)
+        return np.argsort(-theta, kind="stable")
     if which == "SA":
-        return torch.argsort(theta)
-    return torch.argsort(theta.abs(), descending=True)
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _scale(theta: Tensor, order: Tensor, scale_floor: float = 0.0) -> Tensor:
+def _scale(theta: np.ndarray, order: np.ndarray, scale_floor: float = 0.0) -> np.ndarray:
     """What the residuals of the wanted pairs ``order`` are measured by: ``min(max(|θ|, floor), θ_max − θ_min)``."""
-    return torch.minimum(theta[order].abs().clamp_min(scale_floor), theta.max() - theta.min())
+    return np.minimum(np.maximum(np.abs(theta[order]), scale_floor), theta.max() - theta.min())
 
 
-def _resolved(theta: Tensor, res: Tensor, order: Tensor, tol: float, scale_floor: float = 0.0) -> Tensor:
+def _resolved(theta: np.ndarray, res: np.ndarray, order: np.ndarray, tol: float,
+              scale_floor: float = 0.0) -> np.ndarray:
     """Per wanted pair: ``r ≤ tol · scale`` (relative, and shift-invariant; see :func:`_scale`)."""
     return res[order] <= tol * _scale(theta, order, scale_floor)
 
@@ -419,7 +421,8 @@ class _BlockKrylovSchur:
 
     Holds the decomposition ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V = rows[:m]`` the active orthonormal basis, ``T`` its
     ``(m, m)`` symmetric projection, ``X = rows[m:m + bc]`` the residual block and ``G`` its ``(bc, m)`` coupling;
-    ``T``, ``G`` and the estimated inner products ``omega`` are small float64 matrices on the CPU. At most ``capacity``
+    ``T``, ``G`` and the estimated inner products ``omega`` are small float64 NumPy arrays (a torch op on a
+    20-square matrix costs microseconds of dispatch, and a step does a few dozen). At most ``capacity``
     rows of length ``P`` are alive. A new row *is* the product's own output, orthogonalised and normalised in place:
     no copy into a preallocated block, whose fresh pages cost page faults (writing 6 MB into new memory took 1.4 ms
     on this project's CPU VM, into reused memory 0.08 ms; the product has already paid for its output). A
@@ -434,10 +437,10 @@ class _BlockKrylovSchur:
         self.rows: list[Tensor] = []
         self._staging: Tensor | None = None  # (capacity, chunk) buffer for the chunked GEMMs, made on first use
         self._written: Tensor | None = None  # (capacity, chunk) buffer for their results
-        self._measured: Tensor | None = None  # the Gram matrix of rows[:len] measured at the latest restart
-        self.T = torch.zeros((capacity, capacity), dtype=torch.float64)
-        self.G = torch.zeros((b, capacity), dtype=torch.float64)
-        self.omega = torch.eye(capacity, dtype=torch.float64)
+        self._measured: np.ndarray | None = None  # the Gram matrix of rows[:len] measured at the latest restart
+        self.T = np.zeros((capacity, capacity))
+        self.G = np.zeros((b, capacity))
+        self.omega = np.eye(capacity)
         self.eps = torch.finfo(dtype).eps
         self.target = math.inf  # the residual accuracy the caller needs (absolute), see ``delta``
         self.breakdown = self.eps ** 0.75  # a new direction this small (relative to ‖H‖) is rounding, not Krylov
@@ -447,7 +450,7 @@ class _BlockKrylovSchur:
         self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
         self.num_matvecs = 0
         W = [start[c].to(device=op.device, dtype=dtype, copy=True).contiguous() for c in range(b)]
-        _, self.bc, _ = self._normalize_block(W, self._norms(W), torch.ones(b, dtype=torch.float64))
+        _, self.bc, _ = self._normalize_block(W, self._norms(W), np.ones(b))
 
     @property
     def delta(self) -> float:
@@ -461,27 +464,28 @@ class _BlockKrylovSchur:
         return min(math.sqrt(self.eps), max(self.eps ** 0.75, wanted))
 
     # -------------------------------------------------------------------------------- Gram-Schmidt
-    def _project_out(self, W: list[Tensor], lo: int, hi: int) -> Tensor:
+    def _project_out(self, W: list[Tensor], lo: int, hi: int) -> np.ndarray:
         """One classical Gram-Schmidt pass ``w ← w − Σᵢ (vᵢ·w) vᵢ`` over ``vᵢ = rows[lo:hi]`` for each ``w`` in ``W``.
 
         Returns the coefficients ``(hi − lo, len(W))`` in float64. Dots and in-place updates row by row: the rows are
         separate tensors, and ``w`` stays in cache between them.
         """
         if hi <= lo or not W:
-            return torch.zeros((max(hi - lo, 0), len(W)), dtype=torch.float64)
-        h = torch.stack([torch.stack([torch.dot(self.rows[i], w) for w in W]) for i in range(lo, hi)])
-        h = h.to(device="cpu", dtype=torch.float64)
+            return np.zeros((max(hi - lo, 0), len(W)))
+        h = torch.stack([torch.dot(self.rows[i], w) for i in range(lo, hi) for w in W])
+        h = h.to(device="cpu", dtype=torch.float64).numpy().reshape(hi - lo, len(W))
         for i, coef in zip(range(lo, hi), h.tolist()):
             for c, w in enumerate(W):
                 w.sub_(self.rows[i], alpha=coef[c])
         return h
 
-    def _norms(self, W: list[Tensor]) -> Tensor:
+    def _norms(self, W: list[Tensor]) -> np.ndarray:
         if not W:
-            return torch.zeros(0, dtype=torch.float64)
-        return torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64)
+            return np.zeros(0)
+        return torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
 
-    def _orthogonalize(self, W: list[Tensor], lo: int, hi: int, second: str) -> tuple[Tensor, Tensor, Tensor]:
+    def _orthogonalize(self, W: list[Tensor], lo: int, hi: int,
+                       second: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Classical Gram-Schmidt of the rows ``W`` against ``rows[lo:hi]``, one pass or two.
 
         Returns the coefficients, the row norms after and (by Pythagoras, no pass over ``W``) before. The second pass:
@@ -492,10 +496,10 @@ class _BlockKrylovSchur:
         """
         if hi <= lo:
             after = self._norms(W)
-            return torch.zeros((0, len(W)), dtype=torch.float64), after, after
+            return np.zeros((0, len(W))), after, after
         h = self._project_out(W, lo, hi)
         after = self._norms(W)
-        before = (h.pow(2).sum(dim=0) + after.pow(2)).sqrt()
+        before = np.sqrt((h ** 2).sum(axis=0) + after ** 2)
         if second == "always" or second == "dgks" and bool((after < _DGKS * before).any()):
             h += self._project_out(W, lo, hi)
             after = self._norms(W)
@@ -507,7 +511,8 @@ class _BlockKrylovSchur:
         z = torch.randn(self.n, generator=self.generator, device=gen_device, dtype=self.dtype).to(self.device)
         return z, float(self._orthogonalize([z], 0, hi, "always")[1][0])
 
-    def _normalize_block(self, W: list[Tensor], norms: Tensor, scale: Tensor) -> tuple[Tensor, int, bool]:
+    def _normalize_block(self, W: list[Tensor], norms: np.ndarray,
+                         scale: np.ndarray) -> tuple[np.ndarray, int, bool]:
         """Orthonormalise the rows ``W`` (already orthogonal to ``rows``) among themselves and append them.
 
         ``norms`` are the rows' norms, ``scale`` what they are small against (about ``‖H x‖``). Returns ``R`` with
@@ -516,7 +521,7 @@ class _BlockKrylovSchur:
         everything before it, with a zero diagonal in ``R``; when nothing orthogonal is left it is dropped instead.
         """
         bc, hi = len(W), len(self.rows)
-        R = torch.zeros((bc, bc), dtype=torch.float64)
+        R = np.zeros((bc, bc))
         kept, replaced = 0, False
         for c, w in enumerate(W):
             nrm = float(norms[c])
@@ -577,16 +582,16 @@ class _BlockKrylovSchur:
                         w.sub_(self.rows[i], alpha=g)
         # then one measured pass against X itself: its coefficients are the new diagonal block of T
         A, after, before = self._orthogonalize(W, m, hi, "never")
-        before = (Gc.pow(2).sum(dim=1) + before.pow(2)).sqrt()  # ‖H x‖ by Pythagoras
+        before = np.sqrt((Gc ** 2).sum(axis=1) + before ** 2)  # ‖H x‖ by Pythagoras
         self.anorm = max(self.anorm, float(before.max()))
         # what that pass leaves along X: rounding, plus X's own non-orthogonality times A; a second pass only where
         # that exceeds δ (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
-        E = (om[m:hi, m:hi] - torch.eye(bc, dtype=torch.float64)).abs()
-        local = (self.eps * float(before.max()) + (E @ A.abs()).amax(dim=1)) / max(float(after.min()), tiny)
+        E = np.abs(om[m:hi, m:hi] - np.eye(bc))
+        local = (self.eps * float(before.max()) + (E @ np.abs(A)).max(axis=1)) / max(float(after.min()), tiny)
         if float(local.max()) > self.delta:
             A += self._project_out(W, m, hi)
-            local.fill_(self.eps)
-        h = torch.cat([Gc.T, A])  # every coefficient subtracted, on rows[lo:hi]
+            local[:] = self.eps
+        h = np.concatenate([Gc.T, A])  # every coefficient subtracted, on rows[lo:hi]
         # the vectors the previous step reorthogonalised against: again now (Simon 1984: the next vector inherits their
         # components through the recurrence)
         again, self.reorth_next = self.reorth_next, []
@@ -602,29 +607,29 @@ class _BlockKrylovSchur:
         new = slice(hi, hi + kept)
         om[new, :] = 0.0
         om[:, new] = 0.0
-        om[new, new] = torch.eye(kept, dtype=torch.float64)
-        est = torch.full((m, kept), self.eps, dtype=torch.float64)
+        om[new, new] = np.eye(kept)
+        est = np.full((m, kept), self.eps)
         if m > 0 and not replaced and kept == bc:
             # partial reorthogonalisation (Simon 1984): estimate how far the new block drifted from every vector
             # before X, from the recurrence itself. For k < m, H vₖ = Σⱼ T[j, k] vⱼ (j < hi: T[X, :m] is G), so
             # vₖᵀ W = Σⱼ T[j, k] ω[j, X] − Σ_{j in lo:hi} ω[k, j] h[j, :], and W = Rᵀ Q (rows); plus rounding. For
             # the coupled vectors the leading terms cancel (T[X, k] = h[k]): what is left is their drift.
             M = T[:hi, :m].T @ om[:hi, m:hi] - om[:m, lo:hi] @ h
-            est = torch.linalg.solve_triangular(R.T, M.T, upper=False).T
-            noise = _NOISE * self.eps * self.anorm / max(float(R.diagonal().abs().min()), tiny)
-            est = est + torch.where(est >= 0, noise, -noise)
+            est = M / R[0, 0] if bc == 1 else np.linalg.solve(R.T, M.T).T  # R is upper triangular and small
+            noise = _NOISE * self.eps * self.anorm / max(float(np.abs(np.diag(R)).min()), tiny)
+            est = est + np.where(est >= 0, noise, -noise)
             for a, b in again:
                 est[a:b] = self.eps
-            if float(est.abs().max()) > self.delta:
+            if float(np.abs(est).max()) > self.delta:
                 # orthogonality is about to be lost: orthogonalise against the vectors whose estimate exceeds ε^¼ δ
                 # (Simon's "partial"), now and at the next step; the components are small, so one pass takes them to ε
-                runs = _runs(est.abs().amax(dim=1) > self.delta * self.eps ** 0.25)
+                runs = _runs(np.abs(est).max(axis=1) > self.delta * self.eps ** 0.25)
                 Q = self.rows[hi:]
                 del self.rows[hi:]
                 for a, b in runs:
                     self._project_out(Q, a, b)
                     est[a:b] = self.eps
-                R2, kept, _ = self._normalize_block(Q, self._norms(Q), torch.ones(kept, dtype=torch.float64))
+                R2, kept, _ = self._normalize_block(Q, self._norms(Q), np.ones(kept))
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
         elif m > 0:
@@ -632,25 +637,25 @@ class _BlockKrylovSchur:
             Q = self.rows[hi:]
             del self.rows[hi:]
             _, after, _ = self._orthogonalize(Q, 0, hi, "dgks")
-            R2, kept, _ = self._normalize_block(Q, after, torch.ones(kept, dtype=torch.float64))
+            R2, kept, _ = self._normalize_block(Q, after, np.ones(kept))
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
-            local.fill_(self.eps)
+            local[:] = self.eps
         om[:m, new], om[new, :m] = est, est.T
         om[m:hi, new] = local[:, None]
         om[new, m:hi] = local[None, :]
-        self.G.zero_()
+        self.G.fill(0.0)
         self.G[:kept, m:hi] = R
         self.m, self.bc, self.coupled = hi, kept, m
 
     # -------------------------------------------------------------------------------- Ritz pairs and restarts
-    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), their vectors in ``T`` and their residual norms ``‖G s‖`` (no products)."""
-        theta, S = torch.linalg.eigh(self.T[:self.m, :self.m])
-        res = torch.linalg.vector_norm(self.G[:self.bc, :self.m] @ S, dim=0)
-        self.anorm = max(self.anorm, float(theta.abs().max()))
+        theta, S = np.linalg.eigh(self.T[:self.m, :self.m])
+        res = np.linalg.norm(self.G[:self.bc, :self.m] @ S, axis=0)
+        self.anorm = max(self.anorm, float(np.abs(theta).max()))
         return theta, S, res
 
-    def _orthonormalizer(self, gram: Tensor) -> Tensor:
+    def _orthonormalizer(self, gram: np.ndarray) -> np.ndarray:
         """``L⁻ᵀ`` for the measured Gram matrix ``V Vᵀ = L Lᵀ`` of the active basis.
 
         The basis is only semi-orthogonal (``|vᵢᵀ vⱼ| ≤ √ε``), so ``Vᵀ s`` is accurate to ``√ε`` only; ``T`` is,
@@ -658,18 +663,18 @@ class _BlockKrylovSchur:
         vectors ``N s`` have residuals ``‖G s‖`` to working precision.
         """
         try:
-            L = torch.linalg.cholesky(gram)
-        except RuntimeError:  # not positive definite: orthogonality is lost beyond repair, keep V as it is
-            return torch.eye(gram.shape[0], dtype=torch.float64)
-        return torch.linalg.solve_triangular(L.T, torch.eye(gram.shape[0], dtype=torch.float64), upper=True)
+            L = np.linalg.cholesky(gram)
+        except np.linalg.LinAlgError:  # not positive definite: orthogonality is lost beyond repair, keep V as it is
+            return np.eye(gram.shape[0])
+        return np.linalg.solve(L.T, np.eye(gram.shape[0]))
 
-    def _gram(self, rows: int) -> Tensor | None:
+    def _gram(self, rows: int) -> np.ndarray | None:
         """The measured Gram matrix of ``rows[:rows]``, or None when the estimates put it within ``delta`` of ``I``.
 
         Then correcting by it would change no residual beyond what the caller needs, and one pass is saved.
         """
-        E = self.omega[:rows, :rows] - torch.eye(rows, dtype=torch.float64)
-        if rows == 0 or float(E.abs().max()) <= self.delta:
+        E = self.omega[:rows, :rows] - np.eye(rows)
+        if rows == 0 or float(np.abs(E).max()) <= self.delta:
             return None
         if self._measured is not None and rows <= self._measured.shape[0]:
             return self._measured[:rows, :rows]  # rows are never rewritten between restarts: still exact
@@ -689,14 +694,14 @@ class _BlockKrylovSchur:
             torch.stack([v[c0:c1] for v in vectors], out=block)
             yield c0, c1, block
 
-    def _gram_rows(self, rows: int) -> Tensor:
+    def _gram_rows(self, rows: int) -> np.ndarray:
         """``V Vᵀ`` of ``rows[:rows]`` in float64, accumulated over the chunks."""
         gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.device)
         for _, _, block in self._chunks(self.rows[:rows]):
             gram += block @ block.T
-        return gram.cpu()
+        return gram.cpu().numpy()
 
-    def _combine(self, C: Tensor, out: list[Tensor], extra: list[Tensor] | None = None) -> Tensor | None:
+    def _combine(self, C: np.ndarray, out: list[Tensor], extra: list[Tensor] | None = None) -> np.ndarray | None:
         """``out[j] ← Σᵢ C[i, j] rows[i]`` over ``rows[:C.shape[0]]``, chunk by chunk.
 
         ``out`` may be ``rows[:l]``: each chunk is staged before it is written. With ``extra`` (rows not among the
@@ -705,7 +710,7 @@ class _BlockKrylovSchur:
         """
         r, q = C.shape
         e = len(extra or [])
-        Ct = C.T.to(device=self.device, dtype=self.dtype).contiguous()
+        Ct = torch.from_numpy(np.ascontiguousarray(C.T)).to(device=self.device, dtype=self.dtype)
         gram = None if extra is None else torch.zeros((q + e,) * 2, dtype=torch.float64, device=self.device)
         width = min(_RESTART_CHUNK, self.n)
         if self._written is None or self._written.numel() < (q + e) * width:
@@ -718,9 +723,9 @@ class _BlockKrylovSchur:
                 gram += part @ part.T
             for j, row in enumerate(out):
                 row[c0:c1].copy_(part[j])
-        return None if gram is None else gram.cpu()
+        return None if gram is None else gram.cpu().numpy()
 
-    def ritz_vectors(self, S: Tensor) -> Tensor:
+    def ritz_vectors(self, S: np.ndarray) -> Tensor:
         """Unit Ritz vectors ``N S`` as the ``(P, columns of S)`` transpose of a row-major block."""
         gram = self._gram(self.m)
         C = S if gram is None else self._orthonormalizer(gram) @ S
@@ -736,7 +741,7 @@ class _BlockKrylovSchur:
         Y /= torch.linalg.vector_norm(Y, dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
         return Y.T
 
-    def restart(self, theta: Tensor, S: Tensor, keep: Tensor) -> None:
+    def restart(self, theta: np.ndarray, S: np.ndarray, keep: np.ndarray) -> None:
         """Thick restart (Wu & Simon 2000): keep the Ritz vectors ``keep`` and the residual block, nothing else.
 
         ``V ← Sₖᵀ L⁻¹ V`` in place (orthonormal Ritz vectors, see :meth:`_orthonormalizer`; ``L = I`` when the basis
@@ -753,19 +758,19 @@ class _BlockKrylovSchur:
         if new is not None:
             YY, XY, XX = new[:kept, :kept], new[kept:, :kept], new[kept:, kept:]
         else:  # orthonormal to working precision by construction
-            YY, XY, XX = torch.eye(kept, dtype=torch.float64), gram[m:, :m] @ Sk, gram[m:, m:]
+            YY, XY, XX = np.eye(kept), gram[m:, :m] @ Sk, gram[m:, m:]
         G = self.G[:bc, :m] @ S[:, keep]
-        self.T.zero_()
-        self.T[:kept, :kept] = torch.diag(theta[keep])
-        self.G.zero_()
+        self.T.fill(0.0)
+        self.T[:kept, :kept] = np.diag(theta[keep])
+        self.G.fill(0.0)
         self.G[:bc, :kept] = G
         om = self.omega
-        om.zero_()
+        om.fill(0.0)
         om[:kept, :kept] = YY
         om[kept:kept + bc, :kept] = XY
         om[:kept, kept:kept + bc] = XY.T
         om[kept:kept + bc, kept:kept + bc] = XX
-        om.diagonal().fill_(1.0)
+        np.fill_diagonal(om, 1.0)
         self.m, self.coupled = kept, 0
         self.reorth_next = []
 
@@ -841,8 +846,8 @@ def _krylov_schur(op: CurvatureOperator, start: Tensor, k: int, which: str, budg
                           torch.zeros(0, dtype=torch.bool), run.num_matvecs)
     assert S is not None and res is not None
     order = _wanted_order(theta, which)[:k]
-    return _KrylovRun(theta[order], run.ritz_vectors(S[:, order]), res[order],
-                      _resolved(theta, res, order, tol, scale_floor), run.num_matvecs,
+    return _KrylovRun(torch.from_numpy(theta[order]), run.ritz_vectors(S[:, order]), torch.from_numpy(res[order]),
+                      torch.from_numpy(_resolved(theta, res, order, tol, scale_floor)), run.num_matvecs,
                       (float(theta.min()), float(theta.max())))
 
 
