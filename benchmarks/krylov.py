@@ -20,8 +20,10 @@ from minute to minute. Rounds repeat (one run of every configuration per round) 
 divides the time per step by the median of bare products (random unit vectors) timed in the same rounds, as a check.
 With ``--baseline``, the ``lanczos`` of another source tree (``git archive <commit> src | tar -x -C /tmp/old``) runs
 in the same rounds as this one, so both rows see the same machine load.
-The basis of a run of ``n`` products holds ``min(n, max_basis)`` vectors (``max_basis = 20`` for ``k = 1``), so
-``n = 10, 20`` measure a growing basis and ``n = 60`` one that restarts.
+The basis holds at most ``max_basis`` rows of ``P`` floats (``max_basis = 20`` for ``k = 1``): after ``n`` products,
+``n`` Krylov vectors and the residual. So ``n = 10`` and ``n = 19`` measure a growing basis of up to 20 vectors
+without a restart, ``n = 20`` is the first run that pays one (the 20th product needs a free row: the restart keeps 6
+Ritz vectors and the residual), and ``n = 60`` restarts every 13 products.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def measure(params: float, steps: list[int], repeats: int, products: int) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e5,1.58e6,1e7", help="approximate parameter counts, comma-separated")
-    parser.add_argument("--steps", default="10,20,60", help="products per Lanczos run, comma-separated")
+    parser.add_argument("--steps", default="10,19,20,60", help="products per Lanczos run, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
     parser.add_argument("--products", type=int, default=10, help="bare products per round")
     parser.add_argument("--threads", type=int, default=2)
