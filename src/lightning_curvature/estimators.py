@@ -441,6 +441,10 @@ class _BlockKrylovSchur:
         self.T = np.zeros((capacity, capacity))
         self.G = np.zeros((b, capacity))
         self.omega = np.eye(capacity)
+        # per basis vector: the norm of what its product lost at a breakdown (the part of H vⱼ at rounding level that
+        # was dropped instead of becoming a basis vector), so that residuals stay upper bounds (see ``ritz``)
+        self.lost = np.zeros(capacity)
+        self._dropped = np.zeros(b)  # what the latest _normalize_block dropped, per row
         self.eps = torch.finfo(dtype).eps
         self.target = math.inf  # the residual accuracy the caller needs (absolute), see ``delta``
         self.breakdown = self.eps ** 0.75  # a new direction this small (relative to ‖H‖) is rounding, not Krylov
@@ -519,9 +523,12 @@ class _BlockKrylovSchur:
         ``W = Rᵀ Q`` (rows), the number of rows kept and whether one was replaced: a row whose new part is at rounding
         level (an invariant subspace, or a repeated eigenvalue seen twice) is replaced by a random vector orthogonal to
         everything before it, with a zero diagonal in ``R``; when nothing orthogonal is left it is dropped instead.
+        The norms of the parts so discarded are left in ``self._dropped`` (per row of ``W``), where they exceed
+        rounding (``_NOISE ε`` times the scale): a part between that and the threshold may be a real direction.
         """
         bc, hi = len(W), len(self.rows)
         R = np.zeros((bc, bc))
+        self._dropped = np.zeros(bc)
         kept, replaced = 0, False
         for c, w in enumerate(W):
             nrm = float(norms[c])
@@ -529,13 +536,16 @@ class _BlockKrylovSchur:
                 h, after, _ = self._orthogonalize([w], hi, hi + kept, "dgks")
                 R[:kept, c] = h[:, 0]
                 nrm = float(after[0])
+            floor = _NOISE * self.eps * max(float(scale[c]), self.anorm)  # rounding, whatever the threshold
             if kept < c:  # the space is exhausted: earlier rows were dropped, so is this one
+                self._dropped[c] = nrm if nrm > floor else 0.0
                 continue
             if nrm > self.breakdown * max(float(scale[c]), self.anorm):
                 R[c, c] = nrm
                 self.rows.append(w.div_(nrm))
                 kept += 1
                 continue
+            self._dropped[c] = nrm if nrm > floor else 0.0  # between rounding and the threshold: maybe real
             if hi + c >= self.n:
                 continue  # nothing orthogonal is left
             z, nrm = self._random_row(hi + c)
@@ -587,10 +597,14 @@ class _BlockKrylovSchur:
         # what that pass leaves along X: rounding, plus X's own non-orthogonality times A; a second pass only where
         # that exceeds δ (not on the 1/√2 rule: in Lanczos ‖w‖ drops that much at most steps)
         E = np.abs(om[m:hi, m:hi] - np.eye(bc))
-        local = (self.eps * float(before.max()) + (E @ np.abs(A)).max(axis=1)) / max(float(after.min()), tiny)
+        # left along each row of X, absolute: the pass's rounding (a dot over P entries rounds more than one product:
+        # _NOISE), plus X's own non-orthogonality times A
+        leak = _NOISE * self.eps * float(before.max()) + (E @ np.abs(A)).max(axis=1)
+        local = leak / max(float(after.min()), tiny)
         if float(local.max()) > self.delta:
             A += self._project_out(W, m, hi)
             local[:] = self.eps
+            leak[:] = _NOISE * self.eps * float(before.max())
         h = np.concatenate([Gc.T, A])  # every coefficient subtracted, on rows[lo:hi]
         # the vectors the previous step reorthogonalised against: again now (Simon 1984: the next vector inherits their
         # components through the recurrence)
@@ -604,6 +618,19 @@ class _BlockKrylovSchur:
         T[m:hi, :m] = self.G[:bc, :m]
         T[:m, m:hi] = self.G[:bc, :m].T
         R, kept, replaced = self._normalize_block(W, after, before)
+        lost = self._dropped.copy()  # what H X lost, per row of X (absolute)
+        if bc > 1 and kept == bc and not replaced:
+            # the block's own Gram-Schmidt can shrink columns far below their norms after the pass (a rank-deficient
+            # block: a column is then mostly rounding): the new rows are R⁻ᵀ W, so what the pass left along X grows
+            # to |R⁻¹|ᵀ leak in them, compounded through every row the block orthogonalised against
+            if float((np.abs(np.linalg.inv(R)).T @ leak).max()) > self.delta:
+                Q = self.rows[hi:]
+                del self.rows[hi:]
+                self._project_out(Q, m, hi)
+                R2, kept, replaced = self._normalize_block(Q, self._norms(Q), np.ones(kept))
+                lost += np.abs(R).T @ self._dropped  # a row of Q dropped takes its share of every column of W
+                R = R2 @ R
+                local[:] = self.eps
         new = slice(hi, hi + kept)
         om[new, :] = 0.0
         om[:, new] = 0.0
@@ -616,7 +643,8 @@ class _BlockKrylovSchur:
             # the coupled vectors the leading terms cancel (T[X, k] = h[k]): what is left is their drift.
             M = T[:hi, :m].T @ om[:hi, m:hi] - om[:m, lo:hi] @ h
             est = M / R[0, 0] if bc == 1 else np.linalg.solve(R.T, M.T).T  # R is upper triangular and small
-            noise = _NOISE * self.eps * self.anorm / max(float(np.abs(np.diag(R)).min()), tiny)
+            spread = 1.0 / max(float(R[0, 0]), tiny) if bc == 1 else float(np.abs(np.linalg.inv(R)).sum(axis=0).max())
+            noise = _NOISE * self.eps * self.anorm * spread  # rounding in W, carried into the rows by R⁻ᵀ
             est = est + np.where(est >= 0, noise, -noise)
             for a, b in again:
                 est[a:b] = self.eps
@@ -630,6 +658,7 @@ class _BlockKrylovSchur:
                     self._project_out(Q, a, b)
                     est[a:b] = self.eps
                 R2, kept, _ = self._normalize_block(Q, self._norms(Q), np.ones(kept))
+                lost += np.abs(R).T @ self._dropped
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
         elif m > 0:
@@ -638,6 +667,7 @@ class _BlockKrylovSchur:
             del self.rows[hi:]
             _, after, _ = self._orthogonalize(Q, 0, hi, "dgks")
             R2, kept, _ = self._normalize_block(Q, after, np.ones(kept))
+            lost += np.abs(R).T @ self._dropped
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
             local[:] = self.eps
         om[:m, new], om[new, :m] = est, est.T
@@ -645,13 +675,19 @@ class _BlockKrylovSchur:
         om[new, m:hi] = local[None, :]
         self.G.fill(0.0)
         self.G[:kept, m:hi] = R
+        self.lost[m:hi] += lost
         self.m, self.bc, self.coupled = hi, kept, m
 
     # -------------------------------------------------------------------------------- Ritz pairs and restarts
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), their vectors in ``T`` and their residual norms ``‖G s‖`` (no products)."""
+        """Ritz values (ascending), their vectors in ``T`` and their residual norms (no products).
+
+        ``‖G s‖``, plus ``Σⱼ |sⱼ| lostⱼ`` where a breakdown dropped part of a product as rounding (an upper bound: the
+        relation ``H Vᵀ = Vᵀ T + Xᵀ G`` misses those parts), so that a pair is never called converged on a residual
+        that leaves them out.
+        """
         theta, S = np.linalg.eigh(self.T[:self.m, :self.m])
-        res = np.linalg.norm(self.G[:self.bc, :self.m] @ S, axis=0)
+        res = np.linalg.norm(self.G[:self.bc, :self.m] @ S, axis=0) + np.abs(S).T @ self.lost[:self.m]
         self.anorm = max(self.anorm, float(np.abs(theta).max()))
         return theta, S, res
 
@@ -760,6 +796,9 @@ class _BlockKrylovSchur:
         else:  # orthonormal to working precision by construction
             YY, XY, XX = np.eye(kept), gram[m:, :m] @ Sk, gram[m:, m:]
         G = self.G[:bc, :m] @ S[:, keep]
+        lost = np.abs(Sk).T @ self.lost[:m]
+        self.lost.fill(0.0)
+        self.lost[:kept] = lost
         self.T.fill(0.0)
         self.T[:kept, :kept] = np.diag(theta[keep])
         self.G.fill(0.0)
@@ -816,16 +855,20 @@ class _KrylovRun:
 
 
 def _krylov_schur(op: CurvatureOperator, start: Tensor, k: int, which: str, budget: int, tol: float, max_basis: int,
-                  generator: torch.Generator | None, scale_floor: float = 0.0) -> _KrylovRun:
+                  generator: torch.Generator | None, scale_floor: float = 0.0, anorm: float = 0.0) -> _KrylovRun:
     """A thick-restart (block) Lanczos run from the start rows, until the ``k`` wanted pairs pass the test.
 
     Stops earlier when the ``budget`` of products is spent.
 
     ``scale_floor`` raises the test's ``|θ|`` to at least that value (the deflated check measures against ``θ_k``).
+    ``anorm``: a known lower bound of ``‖H‖``, what rounding is measured against from the first step. Without it, an
+    operator that is zero up to rounding (``H`` deflated of its whole range) would pass its rounding off as a Krylov
+    space: its norm is learned from its own products.
     """
     b = start.shape[0]
     capacity = min(max_basis, op.shape[0] + 2 * b, budget + 2 * b)  # never more rows than can be filled
     run = _BlockKrylovSchur(op, start, capacity, generator, op.dtype)
+    run.anorm = anorm
     theta = S = res = None
     while run.bc > 0 and run.num_matvecs + run.bc <= budget:
         if run.m + 2 * run.bc > capacity:
@@ -897,7 +940,9 @@ def lanczos(
     ``H Vᵀ = Vᵀ T + Xᵀ G``: ``V`` orthonormal, ``T = V H Vᵀ`` symmetric, ``X`` the next block (Lanczos 1950; block
     form Golub & Underwood 1977). A Ritz pair ``(θᵢ, Vᵀ sᵢ)`` from ``T sᵢ = θᵢ sᵢ`` has the residual
     ``‖H y − θ y‖ = ‖G sᵢ‖`` for free. Where the new part of a block is at rounding level (an invariant subspace),
-    it is replaced by a random vector orthogonal to the basis and the run goes on.
+    it is replaced by a random vector orthogonal to the basis and the run goes on; what the replacement drops above
+    rounding (below the ``ε^¾ ‖H‖`` threshold it may still be a real direction) is added to the residuals of the Ritz
+    pairs built on it, so that no pair is called converged on a residual that leaves it out.
 
     **Bounded memory.** The basis never holds more than ``max_basis`` vectors: when it is full, a thick restart
     (Wu & Simon 2000; equivalent to ARPACK's implicit restart with exact shifts; Krylov-Schur form of Stewart 2001)
@@ -1030,8 +1075,9 @@ def lanczos(
         sigma = {"LA": run.spectrum[0], "SA": run.spectrum[1]}.get(which, 0.0)
         start = _start_block(op, None, 1, generator)
         start -= (start @ Y) @ Y.T
+        anorm = max(abs(run.spectrum[0]), abs(run.spectrum[1]))  # a lower bound of ‖H‖
         probe = _krylov_schur(_Deflated(op, Y, sigma), start, 1, which, max_iter - used, tau, max_basis, generator,
-                              scale_floor=abs(kth))
+                              scale_floor=abs(kth), anorm=anorm)
         used += probe.num_matvecs
         if probe.values.numel() == 0 or not bool(probe.resolved.all()):
             break  # the budget ran out (or left no room for a product): no evidence
@@ -1043,7 +1089,8 @@ def lanczos(
         found = torch.cat([run.vectors, probe.vectors], dim=1).T
         if max_iter - used < k + 1:
             break
-        run = _krylov_schur(op, found, k, which, max_iter - used, tau, max(max_basis, 4 * k + 3), generator)
+        run = _krylov_schur(op, found, k, which, max_iter - used, tau, max(max_basis, 4 * k + 3), generator,
+                            anorm=anorm)
         used += run.num_matvecs
     evidence = evidence or k == n
     scale = run.values.abs()
