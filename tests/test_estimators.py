@@ -458,6 +458,30 @@ def test_lanczos_on_a_low_rank_operator_claims_only_true_residuals():
                 assert float(true[i]) <= float(res.residuals[i] * res.eigenvalues[i].abs()) + floor, (trial, i)
 
 
+@pytest.mark.parametrize("scale", [1e3, 1e6, 1e10, 1e20, 1e30])
+def test_lanczos_and_power_iteration_in_float32_do_not_depend_on_the_scale_of_h(scale):
+    """The same float32 problem times ``scale``: the same products and the same answers over ``scale``.
+
+    Two bugs lived here: re-normalising rows after a partial reorthogonalisation compared their unit norms with
+    ``ε^¾ ‖H‖``, so once ‖H‖ passed ~1.5e5 every such row was "at rounding level" and replaced by a random vector
+    (wrong values claimed converged, or values outside the spectrum); and float32 norms overflow in their squares
+    once ‖Hv‖ passes ~1.8e19 (power iteration then claimed 0)."""
+    A = torch.diag(torch.linspace(-1.0, 1.0, 20, dtype=torch.float64))
+    ref = lanczos(A.float(), k=2, generator=gen())
+    res = lanczos((A * scale).float(), k=2, generator=gen())
+    assert res.num_matvecs == ref.num_matvecs
+    torch.testing.assert_close(res.eigenvalues / scale, ref.eigenvalues, rtol=1e-6, atol=0)
+    assert bool(res.converged.all())
+    V = res.eigenvectors.double()
+    true = (A @ V - V * (res.eigenvalues / scale)).norm(dim=0) / (res.eigenvalues / scale).abs()
+    torch.testing.assert_close(res.residuals, true, rtol=1e-3, atol=1e-6)
+    B = torch.diag(torch.linspace(-1.0, 0.9, 20, dtype=torch.float64))
+    p_ref = power_iteration(B.float(), k=1, max_iter=300, generator=gen())
+    p = power_iteration((B * scale).float(), k=1, max_iter=300, generator=gen())
+    assert p.num_matvecs == p_ref.num_matvecs and bool(p.converged.all())
+    assert float(p.eigenvalues[0]) / scale == pytest.approx(float(p_ref.eigenvalues[0]), rel=1e-6)
+
+
 def test_lanczos_memory_is_bounded_by_the_basis_not_by_max_iter(tmp_path):
     """400 products on P = 400,000 (float64, 3.2 MB a vector) with a spectrum that does not converge: the peak
     resident memory grows by about max_basis = 20 vectors, not by 400 (the basis that kept every vector)."""
@@ -575,6 +599,27 @@ def test_spectral_density_integrates_to_one_and_its_mean_is_trace_over_p():
     assert torch.allclose(full.weights.sum(dim=1), torch.ones(1, dtype=torch.float64))
     # repeated eigenvalues: the run stops at the invariant subspace, the quadrature is still exact
     assert float(torch.trapezoid(dens.density, dens.grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_spectral_density_in_float32_does_not_depend_on_the_scale_of_h():
+    """Eigenvalues of 1e20 are finite in float32, their squares are not: the Lanczos norms are taken without overflow
+    (before, the nodes came back NaN and the error was "sigma must be positive, got nan", about an argument nobody
+    passed). An operator that returns NaN gets an error that says what happened."""
+    A = torch.diag(torch.linspace(-1.0, 1.0, 20, dtype=torch.float64))
+    ref = spectral_density(A.float(), num_probes=2, num_steps=10, generator=gen())
+    for scale in (1e20, 1e30):
+        big = spectral_density((A * scale).float(), num_probes=2, num_steps=10, generator=gen())
+        torch.testing.assert_close(big.nodes / scale, ref.nodes, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(big.weights, ref.weights, rtol=1e-5, atol=1e-6)
+
+    class NaNs:
+        shape, dtype, device = (20, 20), torch.float32, torch.device("cpu")
+
+        def matvec(self, v):
+            return torch.full_like(v, math.nan)
+
+    with pytest.raises(FloatingPointError, match="recurrence is not finite"):
+        spectral_density(NaNs(), num_probes=1, num_steps=5, generator=gen())
 
 
 def test_block_traces_share_probes_and_are_unbiased():

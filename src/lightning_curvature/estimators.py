@@ -85,6 +85,23 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def _norm(x: Tensor, dim: int | None = None) -> Tensor:
+    """``‖x‖₂`` (along ``dim``) without overflow in its squares.
+
+    A float32 norm overflows once ``‖x‖`` passes about ``1.8e19`` (its squares pass the largest float32), while the
+    norm itself is representable up to ``3.4e38``: a curvature that large (a run blowing up) would otherwise give
+    ``inf``, then NaN or a silently wrong estimate. Where the plain norm is not finite and ``x`` is, it is taken again
+    on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
+    """
+    n = torch.linalg.vector_norm(x, dim=dim)
+    if bool(torch.isfinite(n).all()):
+        return n
+    scale = (x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().max()).clamp_min(
+        torch.finfo(x.dtype).tiny)
+    scaled = torch.linalg.vector_norm(x / scale, dim=dim)
+    return scaled * (scale.squeeze(dim) if dim is not None else scale)
+
+
 def random_probes(
     n: int,
     m: int,
@@ -233,19 +250,19 @@ def power_iteration(
         else:
             v = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
         v = _orthonormalize_against(v, basis)
-        if float(v.norm()) == 0.0:  # a degenerate warm start: draw a fresh direction
+        if float(_norm(v)) == 0.0:  # a degenerate warm start: draw a fresh direction
             v = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
             v = _orthonormalize_against(v, basis)
-        v = v / v.norm()
+        v = v / _norm(v)
         hv = op.matvec(v)
         matvecs += 1
         for _ in range(max_iter - 1):
             # convergence of the deflated problem: residual of (I - VVᵀ) H restricted to the complement of V
             w = _orthonormalize_against(hv, basis)
             lam = float(torch.dot(v, w))
-            if float((w - lam * v).norm()) <= tol * abs(lam):
+            if float(_norm(w - lam * v)) <= tol * abs(lam):
                 break
-            norm = w.norm()
+            norm = _norm(w)
             if float(norm) == 0.0:  # v lies in the null space of the deflated operator
                 break
             v = w / norm
@@ -260,7 +277,7 @@ def power_iteration(
     order = torch.argsort(theta.abs(), descending=True)
     theta, S = theta[order], S[:, order].to(V.dtype)
     V, HV = V @ S, HV @ S
-    res = (HV - V * theta.to(V.dtype)).norm(dim=0).to(torch.float64)
+    res = _norm(HV - V * theta.to(V.dtype), dim=0).to(torch.float64)
     scale = theta.abs()
     rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.where(res == 0, 0.0, math.inf))
@@ -371,7 +388,7 @@ def _lanczos_steps(op: CurvatureOperator, q0: Tensor, max_steps: int) -> Lanczos
         alpha.append(float(torch.dot(q, w)))
         # full reorthogonalisation also removes the three-term recurrence's part (α q_j + β q_{j−1})
         w = Q.project_out(w)
-        last_beta = float(w.norm())
+        last_beta = float(_norm(w))
         if Q.size == max_steps:
             break
         if last_beta <= 1e-10 * max(max(abs(x) for x in alpha), 1e-30):
@@ -454,7 +471,7 @@ class _BlockKrylovSchur:
         self.reorth_next: list[tuple[int, int]] = []  # rows to orthogonalise against again at the next step
         self.num_matvecs = 0
         W = [start[c].to(device=op.device, dtype=dtype, copy=True).contiguous() for c in range(b)]
-        _, self.bc, _ = self._normalize_block(W, self._norms(W), np.ones(b))
+        _, self.bc, _ = self._normalize_block(W, self._norms(W), np.ones(b), unit=True)
 
     @property
     def delta(self) -> float:
@@ -486,7 +503,7 @@ class _BlockKrylovSchur:
     def _norms(self, W: list[Tensor]) -> np.ndarray:
         if not W:
             return np.zeros(0)
-        return torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
+        return torch.stack([_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
 
     def _orthogonalize(self, W: list[Tensor], lo: int, hi: int,
                        second: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -515,11 +532,13 @@ class _BlockKrylovSchur:
         z = torch.randn(self.n, generator=self.generator, device=gen_device, dtype=self.dtype).to(self.device)
         return z, float(self._orthogonalize([z], 0, hi, "always")[1][0])
 
-    def _normalize_block(self, W: list[Tensor], norms: np.ndarray,
-                         scale: np.ndarray) -> tuple[np.ndarray, int, bool]:
+    def _normalize_block(self, W: list[Tensor], norms: np.ndarray, scale: np.ndarray,
+                         unit: bool = False) -> tuple[np.ndarray, int, bool]:
         """Orthonormalise the rows ``W`` (already orthogonal to ``rows``) among themselves and append them.
 
-        ``norms`` are the rows' norms, ``scale`` what they are small against (about ``‖H x‖``). Returns ``R`` with
+        ``norms`` are the rows' norms, ``scale`` what they are small against: about ``‖H x‖`` for a new block
+        (and never less than ``‖H‖``), or, with ``unit``, the rows' own norms before a reorthogonalisation of rows
+        already normalised (then ``‖H‖`` does not enter: those rows are not products). Returns ``R`` with
         ``W = Rᵀ Q`` (rows), the number of rows kept and whether one was replaced: a row whose new part is at rounding
         level (an invariant subspace, or a repeated eigenvalue seen twice) is replaced by a random vector orthogonal to
         everything before it, with a zero diagonal in ``R``; when nothing orthogonal is left it is dropped instead.
@@ -536,11 +555,12 @@ class _BlockKrylovSchur:
                 h, after, _ = self._orthogonalize([w], hi, hi + kept, "dgks")
                 R[:kept, c] = h[:, 0]
                 nrm = float(after[0])
-            floor = _NOISE * self.eps * max(float(scale[c]), self.anorm)  # rounding, whatever the threshold
+            against = float(scale[c]) if unit else max(float(scale[c]), self.anorm)
+            floor = _NOISE * self.eps * against  # rounding, whatever the threshold
             if kept < c:  # the space is exhausted: earlier rows were dropped, so is this one
                 self._dropped[c] = nrm if nrm > floor else 0.0
                 continue
-            if nrm > self.breakdown * max(float(scale[c]), self.anorm):
+            if nrm > self.breakdown * against:
                 R[c, c] = nrm
                 self.rows.append(w.div_(nrm))
                 kept += 1
@@ -627,7 +647,7 @@ class _BlockKrylovSchur:
                 Q = self.rows[hi:]
                 del self.rows[hi:]
                 self._project_out(Q, m, hi)
-                R2, kept, replaced = self._normalize_block(Q, self._norms(Q), np.ones(kept))
+                R2, kept, replaced = self._normalize_block(Q, self._norms(Q), np.ones(kept), unit=True)
                 lost += np.abs(R).T @ self._dropped  # a row of Q dropped takes its share of every column of W
                 R = R2 @ R
                 local[:] = self.eps
@@ -657,7 +677,7 @@ class _BlockKrylovSchur:
                 for a, b in runs:
                     self._project_out(Q, a, b)
                     est[a:b] = self.eps
-                R2, kept, _ = self._normalize_block(Q, self._norms(Q), np.ones(kept))
+                R2, kept, _ = self._normalize_block(Q, self._norms(Q), np.ones(kept), unit=True)
                 lost += np.abs(R).T @ self._dropped
                 R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
                 self.reorth_next = runs
@@ -666,7 +686,7 @@ class _BlockKrylovSchur:
             Q = self.rows[hi:]
             del self.rows[hi:]
             _, after, _ = self._orthogonalize(Q, 0, hi, "dgks")
-            R2, kept, _ = self._normalize_block(Q, after, np.ones(kept))
+            R2, kept, _ = self._normalize_block(Q, after, np.ones(kept), unit=True)
             lost += np.abs(R).T @ self._dropped
             R, est, new = R2 @ R, est[:, :kept], slice(hi, hi + kept)
             local[:] = self.eps
@@ -1323,6 +1343,9 @@ def spectral_density(
         z = random_probes(n, 1, generator=generator, dtype=op.dtype, device=op.device)[:, 0]
         dec = _lanczos_steps(op, z / z.norm(), steps)
         matvecs += dec.num_matvecs
+        if not bool(torch.isfinite(dec.alpha).all() and torch.isfinite(dec.beta).all()):
+            raise FloatingPointError("spectral_density: the Lanczos recurrence is not finite: the operator returned "
+                                     f"NaN/Inf, or its products overflow {op.dtype}.")
         theta, S = torch.linalg.eigh(dec.tridiagonal())
         w = S[0] ** 2
         pad = steps - theta.shape[0]  # stopped early at an invariant subspace: pad with zero-weight nodes
