@@ -503,7 +503,10 @@ class _BlockKrylovSchur:
     def _norms(self, W: list[Tensor]) -> np.ndarray:
         if not W:
             return np.zeros(0)
-        return torch.stack([_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
+        out = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
+        if not np.isfinite(out).all():  # squares past float32's range (see _norm): rare, so checked here once
+            out = np.array([float(_norm(w)) for w in W])
+        return out
 
     def _orthogonalize(self, W: list[Tensor], lo: int, hi: int,
                        second: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
