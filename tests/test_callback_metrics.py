@@ -264,3 +264,33 @@ def test_threefold_top_eigenvalue_of_a_linear_layer_under_mse():
         got = [out[f"eig_{i}"] for i in (1, 2, 3)]
         assert got == pytest.approx([top] * 3, rel=2e-3), (dtype, got)  # the default tol is 1e-3
         assert out["eig_converged"] == 1.0
+
+
+class _WideLinearMSE(pl.LightningModule):
+    """``nn.Linear(40, 1)`` under MSE: the Hessian is ``(2/n) X̃ᵀX̃``, whose spectrum is set by the inputs' scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(40, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e2, 1e4])
+def test_large_curvature_in_float32_at_the_defaults(scale):
+    """Inputs scaled by ``scale`` scale the Hessian by ``scale²``: a top eigenvalue near 1e9 at 1e4, float32 products
+    (the default). Lanczos once re-normalised its reorthogonalised rows against ε^¾ ‖H‖, which counted every such
+    row as rounding once ‖H‖ passed ~1.5e5 in float32 and logged wrong eigenvalues as converged."""
+    torch.manual_seed(0)
+    model = _WideLinearMSE()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 40, generator=g) * torch.logspace(0, 1, 40) * scale
+    y = torch.randn(256, 1, generator=g)
+    xt = torch.cat([x, torch.ones(256, 1)], dim=1).double()
+    evals = torch.linalg.eigvalsh(2.0 / 256 * xt.T @ xt).flip(0)
+    out = CurvatureMonitor(top_k=2, metrics=["eigenvalues", "trace"]).estimate(model, [((x, y), 0)])
+    assert [out["eig_1"], out["eig_2"]] == pytest.approx(evals[:2].tolist(), rel=2e-3)
+    assert out["eig_converged"] == 1.0
+    assert out["trace"] == pytest.approx(float(evals.sum()), abs=4 * out["trace_stderr"] + 1e-4 * float(evals.sum()))
