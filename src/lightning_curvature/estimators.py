@@ -85,16 +85,28 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _norm(x: Tensor, dim: int | None = None) -> Tensor:
-    """``‖x‖₂`` (along ``dim``) without overflow in its squares.
+class _SqrtTiny(dict):
+    """``√(smallest normal)`` per dtype: below it a norm's squares lose digits."""
 
-    A float32 norm overflows once ``‖x‖`` passes about ``1.8e19`` (its squares pass the largest float32), while the
-    norm itself is representable up to ``3.4e38``: a curvature that large (a run blowing up) would otherwise give
-    ``inf``, then NaN or a silently wrong estimate. Where the plain norm is not finite and ``x`` is, it is taken again
-    on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
+    def __missing__(self, dtype: torch.dtype) -> float:
+        self[dtype] = value = math.sqrt(torch.finfo(dtype).tiny)
+        return value
+
+
+_SQRT_TINY = _SqrtTiny()
+
+
+def _norm(x: Tensor, dim: int | None = None) -> Tensor:
+    """``‖x‖₂`` (along ``dim``) without overflow or underflow in its squares.
+
+    A float32 norm overflows once ``‖x‖`` passes about ``1.8e19`` (its squares pass the largest float32) and loses
+    its digits below about ``1e-19`` (its squares pass the smallest normal float32), while the norm itself is
+    representable from ``1e-38`` to ``3.4e38``: a curvature that large (a run blowing up) or that small would
+    otherwise give ``inf`` or ``0``, then NaN or a silently wrong estimate. Outside ``[√tiny, ∞)`` the norm is taken
+    again on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
     """
     n = torch.linalg.vector_norm(x, dim=dim)
-    if bool(torch.isfinite(n).all()):
+    if bool((torch.isfinite(n) & (n >= _SQRT_TINY[x.dtype])).all()):
         return n
     scale = (x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().max()).clamp_min(
         torch.finfo(x.dtype).tiny)
@@ -504,7 +516,7 @@ class _BlockKrylovSchur:
         if not W:
             return np.zeros(0)
         out = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
-        if not np.isfinite(out).all():  # squares past float32's range (see _norm): rare, so checked here once
+        if not (np.isfinite(out) & (out >= _SQRT_TINY[self.dtype])).all():  # squares out of range (_norm): rare
             out = np.array([float(_norm(w)) for w in W])
         return out
 
