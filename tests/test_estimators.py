@@ -612,6 +612,8 @@ def test_spectral_density_in_float32_does_not_depend_on_the_scale_of_h():
         big = spectral_density((A * scale).float(), num_probes=2, num_steps=10, generator=gen())
         torch.testing.assert_close(big.nodes / scale, ref.nodes, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(big.weights, ref.weights, rtol=1e-5, atol=1e-6)
+        assert big.sigma / scale == pytest.approx(ref.sigma, rel=1e-5)  # the broadening follows the spectrum
+        torch.testing.assert_close(big.density * scale, ref.density, rtol=1e-4, atol=1e-6)
 
     class NaNs:
         shape, dtype, device = (20, 20), torch.float32, torch.device("cpu")

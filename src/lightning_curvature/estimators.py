@@ -1343,7 +1343,8 @@ def spectral_density(
         num_steps: Lanczos steps per probe: plain Lanczos with full reorthogonalisation, not restarted (a restart would
             change the quadrature), so its basis holds ``num_steps`` vectors of length ``P``.
         num_points: grid size when ``grid`` is not given (spanning the Ritz values ± 3σ).
-        sigma: broadening; default 1% of the Ritz value range (at least a tiny positive number).
+        sigma: broadening; default 1% of the Ritz value range, at least 1e-12 of the largest |Ritz value| (1e-12 for
+            a spectrum that is exactly zero).
         grid: explicit evaluation points.
         generator: source of the probes.
     """
@@ -1369,7 +1370,9 @@ def spectral_density(
     N, W = torch.stack(nodes), torch.stack(weights)
     lo, hi = float(N.min()), float(N.max())
     if sigma is None:
-        sigma = max(0.01 * (hi - lo), 1e-12 * max(abs(lo), abs(hi), 1.0))
+        # relative to the spectrum's own scale (an absolute floor would swamp a spectrum of 1e-20); 1e-12 only for a
+        # spectrum that is exactly zero
+        sigma = max(0.01 * (hi - lo), 1e-12 * max(abs(lo), abs(hi))) or 1e-12
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}.")
     if grid is None:
