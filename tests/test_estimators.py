@@ -483,6 +483,23 @@ def test_lanczos_and_power_iteration_in_float32_do_not_depend_on_the_scale_of_h(
     assert float(p.eigenvalues[0]) / scale == pytest.approx(float(p_ref.eigenvalues[0]), rel=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-33, 1e-20, 1e20, 1e30])
+def test_trace_estimators_in_float32_do_not_depend_on_the_scale_of_h(scale):
+    from lightning_curvature import block_hutchinson_traces
+
+    A = spectrum_matrix([5.0, 4.0, 3.0] + [0.3 * math.sin(i) for i in range(27)], seed=30)
+
+    def traces(H):
+        V = lanczos(H, k=3, generator=gen()).eigenvectors
+        return [hutchinson_trace(H, 10, generator=gen()).value, hutchpp_trace(H, 12, generator=gen()).value,
+                deflated_hutchinson_trace(H, V, 10, generator=gen()).value,
+                block_hutchinson_traces(H, [torch.arange(0, 15), torch.arange(15, 30)], 6, generator=gen())[0].value]
+
+    ref = traces(A.float())
+    got = [v / scale for v in traces((A * scale).float())]
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
 def test_lanczos_memory_is_bounded_by_the_basis_not_by_max_iter(tmp_path):
     """400 products on P = 400,000 (float64, 3.2 MB a vector) with a spectrum that does not converge: the peak
     resident memory grows by about max_basis = 20 vectors, not by 400 (the basis that kept every vector)."""
