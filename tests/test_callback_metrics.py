@@ -239,11 +239,11 @@ def test_landscape_along_the_top_eigenvectors(tmp_path):
 
 
 class _LinearMSE(pl.LightningModule):
-    """``nn.Linear(4, 3)`` under MSE: the Hessian is ``I₃ ⊗ (2/3n) X̃ᵀX̃``, every eigenvalue threefold."""
+    """``nn.Linear(d, o)`` under MSE: the Hessian is ``I_o ⊗ (2/on) X̃ᵀX̃``, every eigenvalue ``o``-fold."""
 
-    def __init__(self):
+    def __init__(self, d=4, o=3):
         super().__init__()
-        self.net = torch.nn.Linear(4, 3)
+        self.net = torch.nn.Linear(d, o)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -266,25 +266,13 @@ def test_threefold_top_eigenvalue_of_a_linear_layer_under_mse():
         assert out["eig_converged"] == 1.0
 
 
-class _WideLinearMSE(pl.LightningModule):
-    """``nn.Linear(40, 1)`` under MSE: the Hessian is ``(2/n) X̃ᵀX̃``, whose spectrum is set by the inputs' scales."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(40, 1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-
 @pytest.mark.parametrize("scale", [1.0, 1e2, 1e4])
 def test_large_curvature_in_float32_at_the_defaults(scale):
     """Inputs scaled by ``scale`` scale the Hessian by ``scale²``: a top eigenvalue near 1e9 at 1e4, float32 products
     (the default). Lanczos once re-normalised its reorthogonalised rows against ε^¾ ‖H‖, which counted every such
     row as rounding once ‖H‖ passed ~1.5e5 in float32 and logged wrong eigenvalues as converged."""
     torch.manual_seed(0)
-    model = _WideLinearMSE()
+    model = _LinearMSE(40, 1)  # the Hessian (2/n) X̃ᵀX̃: its spectrum is set by the inputs' scales
     g = torch.Generator().manual_seed(2)
     x = torch.randn(256, 40, generator=g) * torch.logspace(0, 1, 40) * scale
     y = torch.randn(256, 1, generator=g)

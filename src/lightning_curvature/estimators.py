@@ -7,6 +7,7 @@ random draws (the global RNG is never used), and returns a small result dataclas
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterator
@@ -85,15 +86,10 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-class _SqrtTiny(dict):
-    """``√(smallest normal)`` per dtype: below it a norm's squares lose digits."""
-
-    def __missing__(self, dtype: torch.dtype) -> float:
-        self[dtype] = value = math.sqrt(torch.finfo(dtype).tiny)
-        return value
-
-
-_SQRT_TINY = _SqrtTiny()
+@functools.cache
+def _sqrt_tiny(dtype: torch.dtype) -> float:
+    """``√(smallest normal)`` of ``dtype``: below it a norm's squares lose digits."""
+    return math.sqrt(torch.finfo(dtype).tiny)
 
 
 def _norm(x: Tensor, dim: int | None = None) -> Tensor:
@@ -106,7 +102,7 @@ def _norm(x: Tensor, dim: int | None = None) -> Tensor:
     again on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
     """
     n = torch.linalg.vector_norm(x, dim=dim)
-    if bool((torch.isfinite(n) & (n >= _SQRT_TINY[x.dtype])).all()):
+    if bool((torch.isfinite(n) & (n >= _sqrt_tiny(x.dtype))).all()):
         return n
     scale = (x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().max()).clamp_min(
         torch.finfo(x.dtype).tiny)
@@ -516,7 +512,7 @@ class _BlockKrylovSchur:
         if not W:
             return np.zeros(0)
         out = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
-        if not (np.isfinite(out) & (out >= _SQRT_TINY[self.dtype])).all():  # squares out of range (_norm): rare
+        if not (np.isfinite(out) & (out >= _sqrt_tiny(self.dtype))).all():  # squares out of range (_norm): rare
             out = np.array([float(_norm(w)) for w in W])
         return out
 
