@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .operators import CurvatureOperator, as_operator
+from .spaces import ShardedSpace, space_of
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -92,8 +93,8 @@ def _sqrt_tiny(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
-def _norm(x: Tensor, dim: int | None = None) -> Tensor:
-    """``‖x‖₂`` (along ``dim``) without overflow or underflow in its squares.
+def _norm(x: Tensor, dim: int | None = None, space: ShardedSpace | None = None) -> Tensor:
+    """``‖x‖₂`` (along ``dim``) without overflow or underflow in its squares; over every process's shard with ``space``.
 
     A float32 norm overflows once ``‖x‖`` passes about ``1.8e19`` (its squares pass the largest float32) and loses
     its digits below about ``1e-19`` (its squares pass the smallest normal float32), while the norm itself is
@@ -102,12 +103,62 @@ def _norm(x: Tensor, dim: int | None = None) -> Tensor:
     again on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
     """
     n = torch.linalg.vector_norm(x, dim=dim)
+    if space is None and x.numel() == 0:
+        return n
+    if space is not None:
+        return space.norms(n if x.numel() == 0 else _norm(x, dim))
     if bool((torch.isfinite(n) & (n >= _sqrt_tiny(x.dtype))).all()):
         return n
     scale = (x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().max()).clamp_min(
         torch.finfo(x.dtype).tiny)
     scaled = torch.linalg.vector_norm(x / scale, dim=dim)
     return scaled * (scale.squeeze(dim) if dim is not None else scale)
+
+
+def _sum(space: ShardedSpace | None, t: Tensor) -> Tensor:
+    """``t`` (partial sums over this process's entries) summed over the processes of ``space``; ``t`` without one."""
+    return t if space is None else space.sum(t)
+
+
+def _dot(space: ShardedSpace | None, a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` over the whole vectors."""
+    return _sum(space, torch.dot(a, b))
+
+
+def _dim(op: CurvatureOperator) -> int:
+    """The dimension ``P`` of the space ``op`` acts on (its vectors' length, or the sum over processes' shards)."""
+    space = space_of(op)
+    return op.shape[0] if space is None else space.dim
+
+
+def _draw(op: CurvatureOperator, m: int, distribution: str, generator: torch.Generator | None) -> Tensor:
+    """``(n, m)`` probes for ``op`` (this process's rows of global vectors when its vectors are sharded)."""
+    space = space_of(op)
+    if space is None:
+        return random_probes(op.shape[0], m, distribution=distribution, generator=generator,  # type: ignore[arg-type]
+                             dtype=op.dtype, device=op.device)
+    return space.draw(m, distribution, generator, op.dtype, op.device)
+
+
+def _orthonormal_columns(M: Tensor, space: ShardedSpace | None) -> Tensor:
+    """An orthonormal basis of the columns of ``M`` (``(n, s)``; over every process's rows with ``space``).
+
+    Whole vectors: Householder QR. Sharded rows: two passes of a Gram-matrix orthonormalisation, ``G = MᵀM = U Λ Uᵀ``
+    (one all-gather of an ``s × s`` matrix) and ``M ← M U Λ^{-1/2}`` ("CholeskyQR2" with an eigendecomposition in
+    place of the Cholesky factor, so that a rank-deficient ``M`` loses its dependent columns instead of failing;
+    Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2014: the second pass restores orthogonality to working precision
+    for ``κ(M) ≲ ε^{-1/2}``). The basis spans the same space as QR's, in another rotation.
+    """
+    if space is None:
+        return torch.linalg.qr(M).Q
+    Q = M
+    for _ in range(2):
+        G = space.sum(Q.T.to(torch.float64) @ Q.to(torch.float64))
+        evals, U = torch.linalg.eigh((G + G.T) / 2)
+        top = float(evals.max()) if evals.numel() else 0.0
+        keep = evals > max(top, 0.0) * torch.finfo(M.dtype).eps * max(M.shape[1], 1)
+        Q = Q @ (U[:, keep] / evals[keep].sqrt()).to(M.dtype)
+    return Q
 
 
 def random_probes(
@@ -186,11 +237,12 @@ def _check_trace_args(num_probes: int, min_probes: int, rtol: float | None, dist
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
 
 
-def _orthonormalize_against(v: Tensor, basis: Tensor | None, passes: int = 2) -> Tensor:
+def _orthonormalize_against(v: Tensor, basis: Tensor | None, passes: int = 2,
+                            space: ShardedSpace | None = None) -> Tensor:
     """Remove from ``v`` its components along the orthonormal columns of ``basis`` (twice, for stability)."""
     if basis is not None and basis.shape[1] > 0:
         for _ in range(passes):
-            v = v - basis @ (basis.T @ v)
+            v = v - basis @ _sum(space, basis.T @ v)
     return v
 
 
@@ -241,9 +293,9 @@ def power_iteration(
     _check_positive_int("max_iter", max_iter)
     if not (tol > 0):
         raise ValueError(f"tol must be a positive float, got {tol!r}.")
-    n = op.shape[0]
-    if k > n:
-        raise ValueError(f"k={k} exceeds the operator's dimension {n}.")
+    n, space = op.shape[0], space_of(op)
+    if k > _dim(op):
+        raise ValueError(f"k={k} exceeds the operator's dimension {_dim(op)}.")
     if init is not None:
         if init.ndim not in (1, 2) or init.shape[0] != n:
             raise ValueError(f"init must have {n} rows, got shape {tuple(init.shape)}.")
@@ -256,21 +308,21 @@ def power_iteration(
         if init is not None and j < init.shape[1]:
             v = init[:, j].to(device=op.device, dtype=op.dtype).clone()
         else:
-            v = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-        v = _orthonormalize_against(v, basis)
-        if float(_norm(v)) == 0.0:  # a degenerate warm start: draw a fresh direction
-            v = random_probes(n, 1, distribution="normal", generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-            v = _orthonormalize_against(v, basis)
-        v = v / _norm(v)
+            v = _draw(op, 1, "normal", generator)[:, 0]
+        v = _orthonormalize_against(v, basis, space=space)
+        if float(_norm(v, space=space)) == 0.0:  # a degenerate warm start: draw a fresh direction
+            v = _draw(op, 1, "normal", generator)[:, 0]
+            v = _orthonormalize_against(v, basis, space=space)
+        v = v / _norm(v, space=space)
         hv = op.matvec(v)
         matvecs += 1
         for _ in range(max_iter - 1):
             # convergence of the deflated problem: residual of (I - VVᵀ) H restricted to the complement of V
-            w = _orthonormalize_against(hv, basis)
-            lam = float(torch.dot(v, w))
-            if float(_norm(w - lam * v)) <= tol * abs(lam):
+            w = _orthonormalize_against(hv, basis, space=space)
+            lam = float(_dot(space, v, w))
+            if float(_norm(w - lam * v, space=space)) <= tol * abs(lam):
                 break
-            norm = _norm(w)
+            norm = _norm(w, space=space)
             if float(norm) == 0.0:  # v lies in the null space of the deflated operator
                 break
             v = w / norm
@@ -280,12 +332,12 @@ def power_iteration(
         products.append(hv)
     # Rayleigh-Ritz on the found subspace (no extra products): consistent pairs and their *true* residuals.
     V, HV = torch.stack(vectors, dim=1), torch.stack(products, dim=1)
-    T = V.T @ HV
+    T = _sum(space, V.T @ HV)
     theta, S = torch.linalg.eigh((T + T.T).to(torch.float64) / 2)
     order = torch.argsort(theta.abs(), descending=True)
     theta, S = theta[order], S[:, order].to(V.dtype)
     V, HV = V @ S, HV @ S
-    res = _norm(HV - V * theta.to(V.dtype), dim=0).to(torch.float64)
+    res = _norm(HV - V * theta.to(V.dtype), dim=0, space=space).to(torch.float64)
     scale = theta.abs()
     rel = torch.where(scale > 0, res / scale.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.where(res == 0, 0.0, math.inf))
@@ -341,8 +393,9 @@ class KrylovBasis:
     nodes.
     """
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, chunk: int = 16) -> None:
-        self.n, self.dtype, self.device, self.chunk = n, dtype, device, chunk
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, chunk: int = 16,
+                 space: ShardedSpace | None = None) -> None:
+        self.n, self.dtype, self.device, self.chunk, self.space = n, dtype, device, chunk, space
         self._chunks: list[Tensor] = []
         self.size = 0
 
@@ -361,7 +414,7 @@ class KrylovBasis:
         """``w − Q Qᵀ w``, block by block, twice ("twice is enough", Parlett 1980)."""
         for _ in range(passes):
             for block in self._blocks():
-                w = w - block @ (block.T @ w)
+                w = w - block @ _sum(self.space, block.T @ w)
         return w
 
     def __matmul__(self, S: Tensor) -> Tensor:
@@ -384,19 +437,19 @@ def _lanczos_steps(op: CurvatureOperator, q0: Tensor, max_steps: int) -> Lanczos
 
     Stops early at an invariant subspace (for quadrature the rule is then already exact).
     """
-    n = op.shape[0]
-    Q = KrylovBasis(n, op.dtype, op.device)
+    space = space_of(op)
+    Q = KrylovBasis(op.shape[0], op.dtype, op.device, space=space)
     alpha: list[float] = []
     beta: list[float] = []
     q = q0
     last_beta = 0.0
-    for _ in range(min(max_steps, n)):
+    for _ in range(min(max_steps, _dim(op))):
         Q.append(q)
         w = op.matvec(q)
-        alpha.append(float(torch.dot(q, w)))
+        alpha.append(float(_dot(space, q, w)))
         # full reorthogonalisation also removes the three-term recurrence's part (α q_j + β q_{j−1})
         w = Q.project_out(w)
-        last_beta = float(_norm(w))
+        last_beta = float(_norm(w, space=space))
         if Q.size == max_steps:
             break
         if last_beta <= 1e-10 * max(max(abs(x) for x in alpha), 1e-30):
@@ -457,6 +510,7 @@ class _BlockKrylovSchur:
     def __init__(self, op: CurvatureOperator, start: Tensor, capacity: int, generator: torch.Generator | None,
                  dtype: torch.dtype) -> None:
         self.op, self.n, self.generator = op, op.shape[0], generator
+        self.space, self.dim = space_of(op), _dim(op)  # sharded rows: sums over processes; the global dimension
         self.capacity, self.dtype, self.device = capacity, dtype, op.device
         b = start.shape[0]
         self.rows: list[Tensor] = []
@@ -501,7 +555,7 @@ class _BlockKrylovSchur:
         """
         if hi <= lo or not W:
             return np.zeros((max(hi - lo, 0), len(W)))
-        h = torch.stack([torch.dot(self.rows[i], w) for i in range(lo, hi) for w in W])
+        h = _sum(self.space, torch.stack([torch.dot(self.rows[i], w) for i in range(lo, hi) for w in W]))
         h = h.to(device="cpu", dtype=torch.float64).numpy().reshape(hi - lo, len(W))
         for i, coef in zip(range(lo, hi), h.tolist()):
             for c, w in enumerate(W):
@@ -511,6 +565,8 @@ class _BlockKrylovSchur:
     def _norms(self, W: list[Tensor]) -> np.ndarray:
         if not W:
             return np.zeros(0)
+        if self.space is not None:
+            return self.space.norms(torch.stack([_norm(w) for w in W])).to(device="cpu", dtype=torch.float64).numpy()
         out = torch.stack([torch.linalg.vector_norm(w) for w in W]).to(device="cpu", dtype=torch.float64).numpy()
         if not (np.isfinite(out) & (out >= _sqrt_tiny(self.dtype))).all():  # squares out of range (_norm): rare
             out = np.array([float(_norm(w)) for w in W])
@@ -539,8 +595,11 @@ class _BlockKrylovSchur:
 
     def _random_row(self, hi: int) -> tuple[Tensor, float]:
         """A random vector orthogonal to ``rows[:hi]`` and its norm."""
-        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        z = torch.randn(self.n, generator=self.generator, device=gen_device, dtype=self.dtype).to(self.device)
+        if self.space is not None:
+            z = self.space.draw(1, "normal", self.generator, self.dtype, self.device)[:, 0].contiguous()
+        else:
+            gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+            z = torch.randn(self.n, generator=self.generator, device=gen_device, dtype=self.dtype).to(self.device)
         return z, float(self._orthogonalize([z], 0, hi, "always")[1][0])
 
     def _normalize_block(self, W: list[Tensor], norms: np.ndarray, scale: np.ndarray,
@@ -577,7 +636,7 @@ class _BlockKrylovSchur:
                 kept += 1
                 continue
             self._dropped[c] = nrm if nrm > floor else 0.0  # between rounding and the threshold: maybe real
-            if hi + c >= self.n:
+            if hi + c >= self.dim:
                 continue  # nothing orthogonal is left
             z, nrm = self._random_row(hi + c)
             if nrm <= math.sqrt(self.eps):
@@ -752,7 +811,7 @@ class _BlockKrylovSchur:
 
         Small GEMMs on a staged chunk run near memory speed, where one over the whole basis would not.
         """
-        width = min(_RESTART_CHUNK, self.n)
+        width = max(min(_RESTART_CHUNK, self.n), 1)
         if self._staging is None:
             self._staging = torch.empty(self.capacity * width, dtype=self.dtype, device=self.device)
         for c0 in range(0, self.n, width):
@@ -766,7 +825,7 @@ class _BlockKrylovSchur:
         gram = torch.zeros((rows, rows), dtype=torch.float64, device=self.device)
         for _, _, block in self._chunks(self.rows[:rows]):
             gram += block @ block.T
-        return gram.cpu().numpy()
+        return _sum(self.space, gram).cpu().numpy()
 
     def _combine(self, C: np.ndarray, out: list[Tensor], extra: list[Tensor] | None = None) -> np.ndarray | None:
         """``out[j] ← Σᵢ C[i, j] rows[i]`` over ``rows[:C.shape[0]]``, chunk by chunk.
@@ -779,7 +838,7 @@ class _BlockKrylovSchur:
         e = len(extra or [])
         Ct = torch.from_numpy(np.ascontiguousarray(C.T)).to(device=self.device, dtype=self.dtype)
         gram = None if extra is None else torch.zeros((q + e,) * 2, dtype=torch.float64, device=self.device)
-        width = min(_RESTART_CHUNK, self.n)
+        width = max(min(_RESTART_CHUNK, self.n), 1)
         if self._written is None or self._written.numel() < (q + e) * width:
             self._written = torch.empty(self.capacity * width, dtype=self.dtype, device=self.device)
         for c0, c1, block in self._chunks(self.rows[:r] + (extra or [])):
@@ -790,7 +849,7 @@ class _BlockKrylovSchur:
                 gram += part @ part.T
             for j, row in enumerate(out):
                 row[c0:c1].copy_(part[j])
-        return None if gram is None else gram.cpu().numpy()
+        return None if gram is None else _sum(self.space, gram).cpu().numpy()
 
     def ritz_vectors(self, S: np.ndarray) -> Tensor:
         """Unit Ritz vectors ``N S`` as the ``(P, columns of S)`` transpose of a row-major block."""
@@ -805,7 +864,11 @@ class _BlockKrylovSchur:
                     Y[j].add_(self.rows[i], alpha=coef[i][j])
         else:
             self._combine(C, list(Y.unbind(0)))
-        Y /= torch.linalg.vector_norm(Y, dim=1, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+        if self.space is None:
+            norms = torch.linalg.vector_norm(Y, dim=1, keepdim=True)
+        else:
+            norms = _norm(Y, 1, self.space)[:, None]
+        Y /= norms.clamp_min(torch.finfo(Y.dtype).tiny)
         return Y.T
 
     def restart(self, theta: np.ndarray, S: np.ndarray, keep: np.ndarray) -> None:
@@ -852,19 +915,23 @@ def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, generator: 
     The warm-start columns are summed round robin into ``b`` groups (all of them into one vector for ``b = 1``), so a
     new direction is not missed and no start vector is wasted.
     """
-    n = op.shape[0]
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    Z = torch.randn((b, n), generator=generator, device=gen_device, dtype=op.dtype).to(op.device)
-    Z /= torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+    n, space = op.shape[0], space_of(op)
+    if space is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        Z = torch.randn((b, n), generator=generator, device=gen_device, dtype=op.dtype).to(op.device)
+        Z /= torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+    else:
+        Z = space.draw(b, "normal", generator, op.dtype, op.device).T.contiguous()
+        Z /= _norm(Z, 1, space)[:, None]
     if init is not None:
         cols = init.reshape(n, -1).to(device=op.device, dtype=op.dtype)
-        cols = cols / torch.linalg.vector_norm(cols, dim=0).clamp_min(torch.finfo(op.dtype).tiny)
+        cols = cols / _norm(cols, 0, space).clamp_min(torch.finfo(op.dtype).tiny)
         for c in range(min(b, cols.shape[1])):
             w = cols[:, c::b].sum(dim=1)
-            norm = float(torch.linalg.vector_norm(w))
+            norm = float(_norm(w, space=space))
             if norm > 0:
                 w = w / norm + mix * Z[c]
-                Z[c] = w / torch.linalg.vector_norm(w)
+                Z[c] = w / _norm(w, space=space)
     return Z
 
 
@@ -897,7 +964,7 @@ def _krylov_schur(op: CurvatureOperator, start: Tensor, k: int, which: str, budg
     space: its norm is learned from its own products.
     """
     b = start.shape[0]
-    capacity = min(max_basis, op.shape[0] + 2 * b, budget + 2 * b)  # never more rows than can be filled
+    capacity = min(max_basis, _dim(op) + 2 * b, budget + 2 * b)  # never more rows than can be filled
     run = _BlockKrylovSchur(op, start, capacity, generator, op.dtype)
     run.anorm = anorm
     theta = S = res = None
@@ -936,11 +1003,12 @@ class _Deflated:
         self.op, self.sigma = op, sigma
         self.Yt = Y.T.contiguous()
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.space = space_of(op)
 
     def matvec(self, v: Tensor) -> Tensor:
-        c = self.Yt @ v
+        c = _sum(self.space, self.Yt @ v)
         w = self.op.matvec(v - self.Yt.T @ c)
-        return w - self.Yt.T @ (self.Yt @ w - self.sigma * c)
+        return w - self.Yt.T @ (_sum(self.space, self.Yt @ w) - self.sigma * c)
 
 
 def _beyond(value: float, kth: float, which: str, margin: float) -> bool:
@@ -1075,7 +1143,7 @@ def lanczos(
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
     tol = _check_tol(tol)
-    n = op.shape[0]
+    n, space = _dim(op), space_of(op)
     if k > n:
         raise ValueError(f"k={k} exceeds the operator's dimension {n}.")
     b = _check_positive_int("block_size", block_size)
@@ -1094,18 +1162,18 @@ def lanczos(
     if max_basis < k + 2 * b:
         raise ValueError(f"max_basis={max_basis} is below k + 2 * block_size = {k + 2 * b}: a restart keeps k Ritz "
                          "vectors and needs room for the residual block and one more block.")
-    if init is not None and (init.ndim not in (1, 2) or init.shape[0] != n):
-        raise ValueError(f"init must have {n} rows, got shape {tuple(init.shape)}.")
+    if init is not None and (init.ndim not in (1, 2) or init.shape[0] != op.shape[0]):
+        raise ValueError(f"init must have {op.shape[0]} rows, got shape {tuple(init.shape)}.")
     tau = min(tol, CLAIM_TOL_CAP)
 
     run = _krylov_schur(op, _start_block(op, init, b, generator), k, which, max_iter, tau, max_basis, generator)
     used, evidence = run.num_matvecs, not check
     while check and bool(run.resolved.all()) and k < n:
         kth = float(run.values[-1])
-        Y = torch.linalg.qr(run.vectors).Q  # Ritz vectors are orthonormal to √ε only; the deflation needs better
-        sigma = {"LA": run.spectrum[0], "SA": run.spectrum[1]}.get(which, 0.0)
+        Y = _orthonormal_columns(run.vectors, space)  # Ritz vectors are orthonormal to √ε only; the deflation needs
+        sigma = {"LA": run.spectrum[0], "SA": run.spectrum[1]}.get(which, 0.0)  # better
         start = _start_block(op, None, 1, generator)
-        start -= (start @ Y) @ Y.T
+        start -= _sum(space, start @ Y) @ Y.T
         anorm = max(abs(run.spectrum[0]), abs(run.spectrum[1]))  # a lower bound of ‖H‖
         probe = _krylov_schur(_Deflated(op, Y, sigma), start, 1, which, max_iter - used, tau, max_basis, generator,
                               scale_floor=abs(kth), anorm=anorm)
@@ -1149,15 +1217,14 @@ def _projected_hutchinson(
     Returns the per-probe samples, the standard error of their mean and their number; stops once that standard error
     is at most ``rtol · |exact + mean|`` after ``min_probes`` probes.
     """
-    n = op.shape[0]
+    space = space_of(op)
     samples: list[float] = []
     total = total_sq = 0.0
     stderr = math.nan
     for i in range(num_probes):
-        z = random_probes(n, 1, distribution=distribution, generator=generator,  # type: ignore[arg-type]
-                          dtype=op.dtype, device=op.device)[:, 0]
-        z = _orthonormalize_against(z, basis, passes=1)
-        s = float(torch.dot(z, op.matvec(z)).to(torch.float64))
+        z = _draw(op, 1, distribution, generator)[:, 0]
+        z = _orthonormalize_against(z, basis, passes=1, space=space)
+        s = float(_dot(space, z, op.matvec(z)).to(torch.float64))
         samples.append(s)
         total += s
         total_sq += s * s
@@ -1211,7 +1278,7 @@ def hutchpp_trace(
     """
     op = as_operator(op)
     _check_trace_args(num_matvecs, min_probes, rtol, distribution, name="num_matvecs", minimum=3)
-    n = op.shape[0]
+    n, space = _dim(op), space_of(op)
     if sketch_size is None:
         # the paper's split; with rtol the budget is only a ceiling, so the sketch (s vectors of length P) stays small
         s = num_matvecs // 3 if rtol is None else min(num_matvecs // 3, 32)
@@ -1222,9 +1289,9 @@ def hutchpp_trace(
     remaining = num_matvecs - 2 * s
     if remaining < 2 and s < n:
         raise ValueError(f"num_matvecs={num_matvecs} leaves fewer than 2 Hutchinson probes after a sketch of {s}.")
-    S = random_probes(n, s, distribution=distribution, generator=generator, dtype=op.dtype, device=op.device)
-    Q, _ = torch.linalg.qr(op.matmat(S))
-    exact = float(torch.trace(Q.T @ op.matmat(Q)).to(torch.float64))
+    S = _draw(op, s, distribution, generator)
+    Q = _orthonormal_columns(op.matmat(S), space)
+    exact = float(_sum(space, torch.trace(Q.T @ op.matmat(Q))).to(torch.float64)) if Q.shape[1] else 0.0
     if s == n:  # the sketch is the whole space: exact
         return TraceResult(value=exact, stderr=0.0, num_matvecs=2 * s, num_probes=0, samples=[])
     samples, stderr, m = _projected_hutchinson(op, Q, remaining, rtol, exact, min_probes, distribution, generator)
@@ -1269,10 +1336,11 @@ def deflated_hutchinson_trace(
     op = as_operator(op)
     _check_trace_args(num_probes, min_probes, rtol, distribution, minimum=2)
     V = eigenvectors.reshape(op.shape[0], -1).to(device=op.device, dtype=op.dtype)
+    space = space_of(op)
     matvecs = 0
     if eigenvalues is None:
-        V, _ = torch.linalg.qr(V)
-        exact = float(torch.trace(V.T @ op.matmat(V)).to(torch.float64))
+        V = _orthonormal_columns(V, space)
+        exact = float(_sum(space, torch.trace(V.T @ op.matmat(V))).to(torch.float64))
         matvecs += V.shape[1]
     else:
         # Ritz vectors are orthonormal up to rounding; keep them as they are so Σθ stays tr(VᵀHV)
@@ -1347,13 +1415,12 @@ def spectral_density(
     op = as_operator(op)
     _check_positive_int("num_probes", num_probes)
     _check_positive_int("num_steps", num_steps)
-    n = op.shape[0]
-    steps = min(num_steps, n)
+    steps = min(num_steps, _dim(op))
     nodes, weights = [], []
     matvecs = 0
     for _ in range(num_probes):
-        z = random_probes(n, 1, generator=generator, dtype=op.dtype, device=op.device)[:, 0]
-        dec = _lanczos_steps(op, z / z.norm(), steps)
+        z = _draw(op, 1, "rademacher", generator)[:, 0]
+        dec = _lanczos_steps(op, z / (z.norm() if space_of(op) is None else _norm(z, space=space_of(op))), steps)
         matvecs += dec.num_matvecs
         if not bool(torch.isfinite(dec.alpha).all() and torch.isfinite(dec.beta).all()):
             raise FloatingPointError("spectral_density: the Lanczos recurrence is not finite: the operator returned "
@@ -1406,6 +1473,9 @@ def block_hutchinson_traces(
     """
     op = as_operator(op)
     _check_positive_int("num_probes", num_probes, 2)
+    if space_of(op) is not None:
+        raise ValueError("block_hutchinson_traces takes whole vectors: its blocks index the whole parameter vector, "
+                         "which an operator on sharded vectors does not hold.")
     n = op.shape[0]
     samples = torch.empty((num_probes, len(blocks)), dtype=torch.float64)
     for i in range(num_probes):
