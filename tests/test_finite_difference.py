@@ -472,6 +472,7 @@ def test_fsdp2_sharded_parameters_two_processes(tmp_path):
     V, HV, H = (torch.tensor(result[k], dtype=torch.float64) for k in ("probes", "products", "reference"))
     assert _relative_errors(HV, H @ V).max() <= 1e-8  # float64 model
     assert result["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
+    assert result["lambda_max_local"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
     assert all(all(c.values()) for c in result["checks"]), result["checks"]
 
 
@@ -499,6 +500,10 @@ def test_interface_and_bad_arguments():
         FiniteDifferenceOperator(problem.model, closure, asymmetry_tol=-1)
     with pytest.raises(ValueError, match="max_shrinks"):
         FiniteDifferenceOperator(problem.model, closure, max_shrinks=1.5)
+    with pytest.raises(ValueError, match=r"vectors must be one of \('whole', 'local'\)"):
+        FiniteDifferenceOperator(problem.model, closure, vectors="sharded")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"vectors='local' needs every differentiated parameter sharded"):
+        FiniteDifferenceOperator(problem.model, closure, vectors="local")
     with pytest.raises(ValueError, match="not a parameter of the module"):
         FiniteDifferenceOperator(problem.model, closure, {"w": nn.Parameter(torch.zeros(2))})
     frozen = copy.deepcopy(problem.model)

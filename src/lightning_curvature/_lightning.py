@@ -186,20 +186,22 @@ def build_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
     options: MonitorOptions, seed: int, weights: list[float] | None = None, backend: str | None = None,
     sharded: bool = False,
+    vectors: str = "whole",
 ) -> Any:
     """This process's curvature operator (Hessian or GGN) of the training loss on ``batches``.
 
     Under DDP it is all-reduced, and a failure to build it on one process reaches every process as a non-finite value
     (never as a hang in a collective). ``weights``: of each batch's loss (default: by batch size, summing to one).
     ``backend``: overrides ``options.backend``. ``sharded`` (FSDP2): finite differences of the strategy's own
-    gradients, which its backward already averages over processes (no all-reduce here).
+    gradients, which its backward already averages over processes (no all-reduce here); ``vectors``: ``"whole"`` or
+    ``"local"`` (each process holds its shards of every vector; see :class:`FiniteDifferenceOperator`).
     """
     dtype = options.torch_dtype
     if sharded:
         # the module's dtype (casting sharded parameters is not supported), the strategy's own reduction
         dtype = next(iter(params.values())).dtype
         return _GlobalLoss(_local_operator(pl_module, batches, params, options, dtype, seed, weights,
-                                           "finite-difference"))
+                                           "finite-difference", vectors))
     try:
         op = _local_operator(pl_module, batches, params, options, dtype, seed, weights, backend or options.backend)
     except Exception as err:
@@ -214,6 +216,7 @@ def build_operator(
 def _local_operator(
     pl_module: pl.LightningModule, batches: list[tuple[Any, int]], params: dict[str, Tensor],
     options: MonitorOptions, dtype: torch.dtype, seed: int, weights: list[float] | None, backend: str,
+    vectors: str = "whole",
 ) -> Any:
     mode = options.mode
     if backend == "finite-difference":
@@ -227,7 +230,7 @@ def _local_operator(
                 return closure(module)
 
         return FiniteDifferenceOperator(pl_module, restoring, params, dtype=dtype, mode=mode,  # type: ignore
-                                        seed=seed)
+                                        seed=seed, vectors=vectors)  # type: ignore[arg-type]
     if options.curvature == "hessian":
         closure = loss_closure(pl_module, batches, dtype, weights)
         loss_fn, theta = module_loss_fn(pl_module, closure, params=params, dtype=dtype, mode=mode,  # type: ignore

@@ -34,7 +34,7 @@ from ._lightning import (
     world_size,
 )
 from .budget import CadenceBudget
-from .finite_difference import race_backends
+from .finite_difference import race_backends, sharded_space
 from .isolation import ErrorBoundary, NonFiniteError, isolated
 from .operators import HVPUnsupportedError
 from .options import DEFAULT_METRICS, MonitorOptions, args_doc
@@ -151,6 +151,7 @@ class CurvatureMonitor(Callback):
         self._first_order = False  # "auto" found no exact backend, or a faster one: finite differences from now on
         self._raced = False  # "auto" on a compiled module: the two backends were compared (once)
         self._sharded = False  # FSDP2: finite differences of the strategy's own (already averaged) gradients
+        self._vectors: str | None = None  # FSDP2: "local" (each process its shards of every vector) or "whole"
         self._update_snapshot: tuple[int, dict[str, Tensor]] | None = None
         self._fixed_batches: list[Any] | None = None
         self.budget = CadenceBudget(self.options.budget_overhead, min_every=self.options.every_n_train_steps or 1)
@@ -331,7 +332,33 @@ class CurvatureMonitor(Callback):
 
     def _remember_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
-        self._update_snapshot = (step, {k: _whole(p.detach()).clone() for k, p in params.items()})
+        take = _shard if self._vectors_for(params) == "local" else _whole
+        self._update_snapshot = (step, {k: take(p.detach()).clone() for k, p in params.items()})
+
+    def _vectors_for(self, params: dict[str, Tensor]) -> str:
+        """FSDP2: ``"local"`` (every vector split like the parameters) where the parameters' layout allows it.
+
+        Parameters that are not all sharded over one 1-D mesh (some left unsharded, a 2-D mesh) have no split the
+        estimators know: those runs keep whole vectors on every process (``O(P)`` each). Said once in a log line, and
+        again if the choice changes.
+        """
+        if not self._sharded:
+            return "whole"
+        why = None
+        try:
+            sharded_space(list(params.values()))
+        except ValueError as err:
+            why = str(err).split(";")[0]
+        vectors = "whole" if why else "local"
+        if vectors != self._vectors:
+            self._vectors = vectors
+            if why:
+                rank_zero_info(f"CurvatureMonitor: FSDP2: every process holds whole estimator vectors (P entries "
+                               f"each): {why}.")
+            else:
+                rank_zero_info("CurvatureMonitor: FSDP2: every estimator vector is sharded like the parameters "
+                               "(P / world entries per process).")
+        return vectors
 
     # ------------------------------------------------------------------ the estimate
     def estimate(
@@ -367,7 +394,8 @@ class CurvatureMonitor(Callback):
 
         def attempt(backend: str | None) -> tuple[dict[str, float], Any]:
             op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
-                                weights=weights, backend=backend, sharded=self._sharded)
+                                weights=weights, backend=backend, sharded=self._sharded,
+                                vectors=self._vectors_for(params))
             try:
                 return self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params), op
             except NonFiniteError:
@@ -497,6 +525,11 @@ class CurvatureMonitor(Callback):
 def _whole(t: Tensor) -> Tensor:
     """The whole of a sharded (DTensor) parameter, gathered from every process (a collective); else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard(t: Tensor) -> Tensor:
+    """This process's shard of a sharded (DTensor) parameter; else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _last_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -94,7 +94,8 @@ def stability_info(optimizer: torch.optim.Optimizer) -> StabilityInfo:
     )
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor | None:
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                        local: bool = False) -> Tensor | None:
     r"""The flat diagonal ``P^{-1/2}`` of Adam's preconditioner for ``params`` (in that order).
 
     ``P = (1 − β₁ᵗ) (diag(√v̂) + ε)`` with the bias-corrected second moment ``v̂ = v / (1 − β₂ᵗ)``, so that Adam's
@@ -108,6 +109,12 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     tiny BERT). Parameters without optimizer state (not stepped yet, or held by no optimizer) are excluded likewise:
     Adam has not moved them. Excluded coordinates contribute eigenvalue 0 to ``P^{-1/2} H P^{-1/2}``.
 
+    Args:
+        optimizer: an Adam or AdamW optimizer.
+        params: the parameters, in the order of the flat vector.
+        local: for sharded (DTensor) parameters, this process's shards only (the optimizer state is sharded like the
+            parameters, FSDP2); otherwise whole (gathered).
+
     Returns:
         ``None`` when no parameter has state yet (before the first step).
     """
@@ -118,14 +125,17 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     for p in params:
         st = state.get(p) if id(p) in group_of else None
         if not st or "exp_avg_sq" not in st:
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+            numel = p.to_local().numel() if local and hasattr(p, "to_local") else p.numel()
+            parts.append(torch.zeros(numel, dtype=torch.float64, device=p.device))
             continue
         any_state = True
         g = group_of[id(p)]
         beta1, beta2 = g["betas"]
         t = float(st["step"].full_tensor() if hasattr(st["step"], "full_tensor") else st["step"])
         v = st["exp_avg_sq"].detach()
-        v = (v.full_tensor() if hasattr(v, "full_tensor") else v).to(torch.float64).reshape(-1)  # FSDP2: whole
+        if hasattr(v, "full_tensor"):  # FSDP2: this process's shard, or whole
+            v = v.to_local() if local else v.full_tensor()
+        v = v.to(torch.float64).reshape(-1)
         precond = (1 - beta1**t) * ((v / (1 - beta2**t)).sqrt() + g["eps"])
         parts.append(torch.where(v > 0, precond.rsqrt(), torch.zeros_like(v)))
     if not any_state:

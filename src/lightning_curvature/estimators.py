@@ -3,6 +3,11 @@
 Plain torch, no Lightning. Every estimator takes a :class:`~lightning_curvature.operators.CurvatureOperator`
 (anything with ``shape`` and ``matvec``) *or* a dense symmetric tensor, an optional ``torch.Generator`` for its
 random draws (the global RNG is never used), and returns a small result dataclass.
+
+An operator may hold its vectors sharded over processes (a ``space`` attribute, see
+:mod:`~lightning_curvature.spaces`): every estimator then sums its inner products, norms and Gram matrices over the
+processes and draws its probes through the space, so each process holds ``P / world`` entries of every vector and
+all of them compute the same numbers. Operators without one hold whole vectors.
 """
 
 from __future__ import annotations
@@ -1463,7 +1468,7 @@ def block_hutchinson_traces(
 
     Args:
         op: an operator or a dense symmetric matrix.
-        blocks: 1-D long index tensors, one per block.
+        blocks: 1-D long index tensors, one per block (into this process's entries, for sharded vectors).
         num_probes: probes (>= 2).
         distribution: ``"rademacher"`` or ``"normal"``.
         generator: source of the probes.
@@ -1473,16 +1478,13 @@ def block_hutchinson_traces(
     """
     op = as_operator(op)
     _check_positive_int("num_probes", num_probes, 2)
-    if space_of(op) is not None:
-        raise ValueError("block_hutchinson_traces takes whole vectors: its blocks index the whole parameter vector, "
-                         "which an operator on sharded vectors does not hold.")
-    n = op.shape[0]
+    space = space_of(op)
     samples = torch.empty((num_probes, len(blocks)), dtype=torch.float64)
     for i in range(num_probes):
-        z = random_probes(n, 1, distribution=distribution, generator=generator, dtype=op.dtype, device=op.device)[:, 0]
+        z = _draw(op, 1, distribution, generator)[:, 0]
         zhz = (z * op.matvec(z)).to(torch.float64)
-        for j, idx in enumerate(blocks):
-            samples[i, j] = zhz[idx.to(zhz.device)].sum()
+        row = torch.stack([zhz[idx.to(zhz.device)].sum() for idx in blocks]) if blocks else zhz[:0]
+        samples[i] = _sum(space, row).cpu()
     mean = samples.mean(dim=0)
     stderr = samples.std(dim=0) / math.sqrt(num_probes)
     return [

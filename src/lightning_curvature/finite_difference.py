@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .isolation import rng_guard
+from .spaces import Piece, ShardedSpace
 
 try:  # numpy is a torch dependency in practice, but not a hard one
     import numpy as np
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["BackendRace", "FiniteDifferenceOperator", "default_relative_step", "race_backends"]
 
 MODES: tuple[str, ...] = ("eval", "train")
+VECTORS: tuple[str, ...] = ("whole", "local")
 
 
 def default_relative_step(dtype: torch.dtype) -> float:
@@ -53,10 +55,15 @@ def default_relative_step(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
-def _asymmetry(g_plus: Tensor, g_minus: Tensor, g0: Tensor) -> float:
+def _norm(x: Tensor, space: ShardedSpace | None) -> float:
+    n = x.norm()
+    return float(n if space is None else space.norms(n))
+
+
+def _asymmetry(g_plus: Tensor, g_minus: Tensor, g0: Tensor, space: ShardedSpace | None = None) -> float:
     """``‖D₊ − D₋‖ / ‖D₊ + D₋‖`` with ``D₊ = g(θ+εv) − g(θ)`` and ``D₋ = g(θ) − g(θ−εv)`` (0 when both vanish)."""
-    num = float((g_plus + g_minus - 2.0 * g0).norm())
-    den = float((g_plus - g_minus).norm())
+    num = _norm(g_plus + g_minus - 2.0 * g0, space)
+    den = _norm(g_plus - g_minus, space)
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
@@ -70,6 +77,35 @@ def _local(t: Tensor) -> Tensor:
 def _full(t: Tensor) -> Tensor:
     """The whole of a DTensor, gathered from every process (a collective), or ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def sharded_space(params: list[Tensor]) -> ShardedSpace:
+    """The :class:`~lightning_curvature.spaces.ShardedSpace` of DTensor parameters sharded over one 1-D mesh.
+
+    Raises:
+        ValueError: a parameter is not a DTensor, the parameters live on different or multi-dimensional meshes, or a
+            placement is not ``Shard`` (replicated entries would be counted once per process).
+    """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    meshes = {id(getattr(p, "device_mesh", None)) for p in params}
+    if not all(hasattr(p, "to_local") for p in params) or len(meshes) != 1:
+        raise ValueError("vectors='local' needs every differentiated parameter sharded (a DTensor, e.g. by FSDP2's "
+                         "fully_shard) over one device mesh; use vectors='whole'.")
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1 or not all(all(isinstance(pl, Shard) for pl in p.placements) for p in params):
+        raise ValueError("vectors='local' supports parameters sharded (Shard placements) over a 1-D mesh, as FSDP2 "
+                         f"shards them; got a {mesh.ndim}-D mesh with placements "
+                         f"{sorted({str(p.placements) for p in params})}. Use vectors='whole'.")
+    pieces = []
+    for p in params:
+        local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+        if tuple(local_shape) != tuple(p.to_local().shape):  # padded or uneven layouts we do not know
+            raise ValueError(f"a parameter's local shard has shape {tuple(p.to_local().shape)}, not the "
+                             f"{tuple(local_shape)} its placements give; use vectors='whole'.")
+        pieces.append(Piece(tuple(p.shape), tuple(offset), tuple(local_shape)))
+    return ShardedSpace(pieces, group=mesh.get_group())
 
 
 class FiniteDifferenceOperator:
@@ -158,11 +194,16 @@ class FiniteDifferenceOperator:
     never written and is put back); ``closure`` must then cast its inputs (the callback's does). This recompiles a
     compiled module and is refused for sharded (DTensor) parameters: keep the model's dtype there.
 
-    **Sharded parameters** (DTensor, e.g. FSDP2 ``fully_shard``): vectors are whole (length ``P`` of the unsharded
-    model) and identical on every process, so estimators run unchanged and take the same branches everywhere; each
-    process writes its slice of ``θ ± εv`` into its shards, the strategy's own backward fills the sharded ``.grad``
-    (the gradient of the mean loss over processes, for FSDP), and the two gradients are gathered whole. Every process
-    must build the operator and call every product together (they are collectives). ``loss`` is this process's.
+    **Sharded parameters** (DTensor, e.g. FSDP2 ``fully_shard``). With ``vectors="whole"`` (default) vectors are whole
+    (length ``P`` of the unsharded model) and identical on every process, so estimators run unchanged and take the
+    same branches everywhere; each process writes its slice of ``θ ± εv`` into its shards, the strategy's own backward
+    fills the sharded ``.grad`` (the gradient of the mean loss over processes, for FSDP), and the two gradients are
+    gathered whole. With ``vectors="local"`` each process holds only the entries of its own shards (``shape`` is
+    its local length, memory ``O(P / world)`` per vector), reads and writes its shards directly, and the operator
+    carries a :class:`~lightning_curvature.spaces.ShardedSpace` (``space``) through which the estimators sum their
+    inner products over the processes and draw world-size-invariant probes; the step ``ε`` uses the global norms.
+    Every process must build the operator and call every product together (they are collectives). ``loss`` is this
+    process's.
 
     Args:
         module: the real model; ``closure(module)`` must run its forward, e.g. a ``LightningModule`` or a
@@ -181,6 +222,7 @@ class FiniteDifferenceOperator:
         asymmetry_tol: the kink check's threshold (default ``1e-2``); ``None`` switches it off (no gradient at
             ``θ`` is computed, never more than two gradients per product).
         max_shrinks: how many times a product may be retaken with a ten times smaller step (default 2).
+        vectors: ``"whole"`` (default) or ``"local"`` (this process's shards of sharded parameters; see above).
 
     Attributes:
         num_matvecs: products so far (``matmat`` counts one per column).
@@ -215,9 +257,12 @@ class FiniteDifferenceOperator:
         seed: int = 0,
         asymmetry_tol: float | None = 1e-2,
         max_shrinks: int = 2,
+        vectors: Literal["whole", "local"] = "whole",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if vectors not in VECTORS:
+            raise ValueError(f"vectors must be one of {VECTORS}, got {vectors!r}.")
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
             raise ValueError(f"eps (the relative step) must be a number in (0, 1), or None for the default; "
                              f"got {eps!r}.")
@@ -260,8 +305,13 @@ class FiniteDifferenceOperator:
         self._targets = list(params.values())
         # θ, the unperturbed point, whole (gathered from every process if sharded), in the compute dtype; and the
         # values this process writes its perturbations from (its shards, or θ itself)
-        self.params = {k: _full(p.detach()).to(self.dtype, copy=True) for k, p in params.items()}
-        self._sharded = [hasattr(p, "to_local") for p in self._targets]
+        #: the sums and draws of sharded vectors (``vectors="local"``), or None for whole vectors
+        self.space: ShardedSpace | None = sharded_space(self._targets) if vectors == "local" else None
+        self.vectors = vectors
+        gather = _local if self.space is not None else _full
+        self.params = {k: gather(p.detach()).to(self.dtype, copy=True) for k, p in params.items()}
+        # the ones whose whole direction must be sliced to this process's shard (whole vectors only)
+        self._sharded = [hasattr(p, "to_local") and self.space is None for p in self._targets]
         self._base = [_local(p.detach()).to(self.dtype, copy=True) if sharded else self.params[k]
                       for (k, p), sharded in zip(params.items(), self._sharded)]
         self.shapes = [p.shape for p in self.params.values()]
@@ -297,7 +347,7 @@ class FiniteDifferenceOperator:
             if t is None:
                 parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
                 continue
-            t = _full(t)
+            t = _local(t) if self.space is not None else _full(t)
             if t.layout != torch.strided:  # nn.Embedding(sparse=True) and friends
                 t = t.to_dense()
             parts.append(t.reshape(-1).to(self.dtype))
@@ -327,6 +377,8 @@ class FiniteDifferenceOperator:
         """
         v = v.detach().to(torch.float64)
         norms = torch.stack([part.norm() for part in torch.split(v, self.numels)])
+        if self.space is not None:  # per parameter, over every process's shard
+            norms = self.space.norms(norms)
         moved = norms > 0
         if not bool(moved.any()):
             return 0.0
@@ -355,7 +407,7 @@ class FiniteDifferenceOperator:
                     self.num_shrinks += 1
                 g_plus, _ = self._grad_at(v, eps)
                 g_minus, _ = self._grad_at(v, -eps)
-                r = 0.0 if g0 is None else _asymmetry(g_plus, g_minus, g0)
+                r = 0.0 if g0 is None else _asymmetry(g_plus, g_minus, g0, self.space)
                 attempts.append((r, (g_plus - g_minus) / (2.0 * eps)))
                 if self.asymmetry_tol is None or r <= self.asymmetry_tol:
                     break
@@ -387,9 +439,13 @@ class FiniteDifferenceOperator:
     # ------------------------------------------------------------------ internals
     def _block_scales(self) -> Tensor:
         """``s_b = √n_b · max(rms(θ_b), τ)`` per parameter tensor, ``τ`` the typical block rms (see the class)."""
-        rms = torch.stack([p.detach().to(torch.float64).pow(2).mean().sqrt() if p.numel() else torch.zeros((),
-                           dtype=torch.float64) for p in self.params.values()])
-        n = torch.tensor(self.numels, dtype=torch.float64)
+        squares = torch.stack([p.detach().to(torch.float64).pow(2).sum() for p in self.params.values()])
+        numels = self.numels
+        if self.space is not None:  # the whole parameters': sums over every process's shard
+            squares = self.space.sum(squares)
+            numels = [piece.numel for piece in self.space.pieces]
+        n = torch.tensor(numels, dtype=torch.float64)
+        rms = torch.where(n > 0, squares / n.clamp_min(1), 0.0).sqrt()
         # τ: the rms of the block holding the median entry, blocks sorted by rms (zero blocks left out)
         nonzero = rms > 0
         if bool(nonzero.any()):

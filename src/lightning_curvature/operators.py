@@ -827,6 +827,7 @@ class ScaledOperator:
         self.shape = op.shape
         self.dtype = op.dtype
         self.device = op.device
+        self.space = getattr(op, "space", None)  # diagonal scaling keeps sharded vectors sharded
 
     def matvec(self, v: Tensor) -> Tensor:
         out = self.d * self.op.matvec(self.d * v)
@@ -843,13 +844,17 @@ class BlockOperator:
     Args:
         op: the full operator.
         index: 1-D long tensor of coordinates (e.g. the parameters of one layer).
+        space: for an operator on sharded vectors, the block's own
+            :class:`~lightning_curvature.spaces.ShardedSpace` (the pieces of its parameters; ``index`` then holds
+            this process's coordinates of them, possibly none).
     """
 
-    def __init__(self, op: CurvatureOperator, index: Tensor) -> None:
+    def __init__(self, op: CurvatureOperator, index: Tensor, space: Any = None) -> None:
         self.op = op
         self.index = index.to(op.device)
+        self.space = space
         n = int(index.numel())
-        if n == 0:
+        if n == 0 and (space is None or space.dim == 0):
             raise ValueError("A block needs at least one coordinate.")
         self.shape = (n, n)
         self.dtype = op.dtype

@@ -79,6 +79,7 @@ class ShardedSpace:
         self.group = group
         self.dim = sum(p.numel for p in self.pieces)
         self.local_dim = sum(p.local_numel for p in self.pieces)
+        self._layouts: list[list[Piece]] | None = None
 
     # ------------------------------------------------------------------ reductions
     def _gather(self, t: Tensor) -> Tensor:
@@ -104,6 +105,42 @@ class ShardedSpace:
         scale = parts.abs().amax(dim=0)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         return (torch.linalg.vector_norm(parts / safe, dim=0) * scale).to(local.dtype)
+
+    def local(self, x: Tensor) -> Tensor:
+        """This process's rows of whole ``(P,)`` or ``(P, m)`` vectors (no collective): the inverse of :meth:`whole`."""
+        columns = x.reshape(x.shape[0], -1)
+        parts, start = [], 0
+        for piece in self.pieces:
+            parts.append(piece.take(columns[start:start + piece.numel]))
+            start += piece.numel
+        out = torch.cat(parts) if parts else columns[:0]
+        return out.reshape(-1) if x.ndim == 1 else out
+
+    def whole(self, x: Tensor) -> Tensor:
+        """The whole ``(P,)`` or ``(P, m)`` vectors from every process's rows ``x`` (a collective; ``O(P)`` memory).
+
+        For a result you want in one piece (an eigenvector to save or to compare); the estimators never need it.
+        """
+        import torch.distributed as dist
+
+        if self._layouts is None:  # every process's pieces, once
+            layouts: list[object] = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(layouts, self.pieces, group=self.group)
+            self._layouts = layouts  # type: ignore[assignment]
+        columns = x.reshape(x.shape[0], -1)
+        sizes = [sum(p.local_numel for p in pieces) for pieces in self._layouts]  # type: ignore[union-attr]
+        padded = columns.new_zeros((max(sizes), columns.shape[1]))  # gloo gathers equal sizes only
+        padded[: columns.shape[0]] = columns
+        parts = self._gather(padded)
+        out = columns.new_empty((self.dim, columns.shape[1]))
+        for pieces, part in zip(self._layouts, parts):  # type: ignore[arg-type]
+            start, local = 0, 0
+            for piece in pieces:
+                index = piece.take(torch.arange(start, start + piece.numel, device=x.device).reshape(-1, 1))[:, 0]
+                out[index] = part[local:local + piece.local_numel]
+                start += piece.numel
+                local += piece.local_numel
+        return out.reshape(self.dim) if x.ndim == 1 else out
 
     # ------------------------------------------------------------------ random vectors
     def draw(self, m: int, distribution: str, generator: torch.Generator | None, dtype: torch.dtype,

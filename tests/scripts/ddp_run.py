@@ -5,6 +5,8 @@ Both runs see the same 32 examples per step: DDP ranks get 16 each, the single p
 curvature must agree.
 """
 
+import atexit
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -41,6 +43,29 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _Completion(pl.Callback):
+    """Notes that ``fit`` ended (in this process)."""
+
+    done = False
+
+    def on_fit_end(self, trainer, pl_module):
+        _Completion.done = True
+
+
+def _leave_without_teardown():
+    # gloo sometimes aborts in its C++ teardown after a complete run ("terminate called without an active exception",
+    # SIGABRT); in a ddp_spawn child that fails the parent's join, so a child whose fit ended leaves at once (its
+    # results are already sent: multiprocessing flushes its queues before the interpreter's exit handlers run)
+    if _Completion.done:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__mp_main__":  # a ddp_spawn child (the spawn start method imports the script under this name)
+    atexit.register(_leave_without_teardown)
+
+
 def main():
     out, kind = sys.argv[1], sys.argv[2]
     data = sys.argv[3] if len(sys.argv) > 3 else "current"
@@ -51,7 +76,7 @@ def main():
                           data=data, metrics=["trace", "eigenvalues", "lambda_min", "grad_curvature", "eos"])
     trainer = pl.Trainer(
         max_steps=5, accelerator="cpu", devices=2 if ddp else 1, strategy=kind if ddp else "auto",
-        callbacks=[cb], logger=CSVLogger(out, name=kind, version=0), enable_progress_bar=False,
+        callbacks=[cb, _Completion()], logger=CSVLogger(out, name=kind, version=0), enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
     )
     trainer.fit(Net())

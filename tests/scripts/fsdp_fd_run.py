@@ -46,8 +46,18 @@ def run(rank: int, world: int, out: str) -> None:
     V = torch.randn(P, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     HV = op.matmat(V)
     top = lanczos(op, k=1, tol=1e-4, generator=torch.Generator().manual_seed(0))
+    # the same products on this process's shards of the vectors: the same step, so the same numbers to rounding
+    local = FiniteDifferenceOperator(model, lambda m: F.cross_entropy(m(xs), ys), vectors="local")
+    space = local.space
+    HV_local = space.whole(local.matmat(space.local(V)))
+    top_local = lanczos(local, k=1, tol=1e-4, generator=torch.Generator().manual_seed(0))
+    sizes = [None] * world
+    dist.all_gather_object(sizes, local.shape[0])
     checks = {
         "whole_vectors": P == sum(p.numel() for p in reference.parameters()),
+        "local_vectors": sum(sizes) == P and max(sizes) < P and space.dim == P,
+        "local_products": float(((HV_local - HV).norm(dim=0) / HV.norm(dim=0)).max()) <= 1e-9,
+        "local_round_trip": torch.equal(space.local(space.whole(space.local(V))), space.local(V)),
         "shards_restored": all(torch.equal(p.to_local(), v) and p.to_local().data_ptr() == ptr
                                for p, (v, ptr) in zip(model.parameters(), shards)),
         "grads_restored": all(p.grad is g for p, g in zip(model.parameters(), grads)),
@@ -72,7 +82,8 @@ def run(rank: int, world: int, out: str) -> None:
         H = torch.autograd.functional.hessian(loss, theta)
         with open(out, "w") as f:
             json.dump({"probes": V.tolist(), "products": HV.tolist(), "reference": H.tolist(),
-                       "lambda_max": float(top.eigenvalues[0]), "checks": all_checks}, f)
+                       "lambda_max": float(top.eigenvalues[0]), "lambda_max_local": float(top_local.eigenvalues[0]),
+                       "checks": all_checks}, f)
     dist.destroy_process_group()
     print("RUN COMPLETE", flush=True)
 

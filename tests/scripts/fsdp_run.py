@@ -1,9 +1,11 @@
 """A 2-process FSDP2 run (Lightning's ModelParallelStrategy, fully_shard) on CPU (gloo), for test_distributed.
 
-Usage: python fsdp_run.py OUTDIR {with,without}
+Usage: python fsdp_run.py OUTDIR {with,without,one}
 
-The same 32 examples per step as the single-process reference in the test: ranks get 16 each. Writes the CSV logs
-(rank zero), the final weights gathered whole (``weights.pt``) and a completion line.
+The same 32 examples per step as the single-process reference in the test: ranks get 16 each ("one": the same run with
+the callback on one process, fully_shard over a mesh of one). Writes the CSV logs (rank zero), the final weights
+gathered whole (``weights.pt``), each rank's length of the stored top eigenvectors (``vectors-KIND-RANK.txt``) and a
+completion line.
 """
 
 import os
@@ -54,7 +56,7 @@ class Net(pl.LightningModule):
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
 def main():
@@ -62,12 +64,17 @@ def main():
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     callbacks = []
-    if kind == "with":
+    world = 1 if kind == "one" else 2
+    if kind != "without":
         callbacks.append(CurvatureMonitor(every_n_train_steps=2, top_k=2, num_probes=8, tol=1e-8, max_iter=100,
-                                          dtype="float64", metrics=["trace", "eigenvalues", "grad_curvature"]))
+                                          dtype="float64", metrics=["trace", "eigenvalues", "grad_curvature",
+                                                                    "lambda_min", "density", "preconditioned"],
+                                          modules=["net.0", "net.2"], layer_metrics=["trace", "lambda_max",
+                                                                                      "eig_mass"]))
     trainer = pl.Trainer(
-        max_steps=5, accelerator="cpu", devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
+        max_steps=5, accelerator="cpu", devices=world,
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=False),
         callbacks=callbacks, logger=CSVLogger(out, name=kind, version=0), enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
     )
@@ -75,6 +82,9 @@ def main():
     trainer.fit(model)
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in model.state_dict().items()}
+    if callbacks:
+        with open(os.path.join(out, f"vectors-{kind}-{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(callbacks[0].plan.vectors["top"].shape[0]))
     if trainer.global_rank == 0:
         torch.save(weights, os.path.join(out, f"weights-{kind}.pt"))
         print("FIT COMPLETE", flush=True)
