@@ -140,6 +140,37 @@ def test_fsdp2_model_parallel_strategy_measures_the_global_batch_and_changes_not
     assert with_cb.keys() == without.keys() and all(torch.equal(with_cb[k], without[k]) for k in with_cb)
 
 
+@pytest.mark.slow
+def test_fsdp2_hugging_face_gpt2_at_the_defaults(tmp_path):
+    """A model we did not write: Hugging Face's GPT-2 (tied embeddings, GELU, a local tiny config) under FSDP2 with
+    the callback at its defaults. Two processes log at step 0 what one process logs on the same 16 sequences (float32
+    finite differences: their gradient sums round differently), and training ends bit-identical to the run without
+    the callback."""
+    pytest.importorskip("transformers")
+    import torch
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_gpt2_run.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for kind in ("with", "without", "one"):
+        proc = subprocess.run([sys.executable, script, str(tmp_path), kind], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+        assert "FIT COMPLETE" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+        if kind == "with":
+            assert "every estimator vector is sharded like the parameters" in proc.stdout + proc.stderr
+    runs = {}
+    for kind in ("with", "one"):
+        with open(tmp_path / kind / "version_0" / "metrics.csv") as f:
+            runs[kind] = {int(r["step"]): r for r in csv.DictReader(f) if r.get("curvature/trace")}
+    assert sorted(runs["with"]) == [0, 2]
+    two, one = runs["with"][0], runs["one"][0]
+    assert float(two["curvature/eig_converged"]) == 1.0
+    for key in ("loss", "eig_1", "eig_2", "trace", "grad_curvature"):
+        assert float(two[f"curvature/{key}"]) == pytest.approx(float(one[f"curvature/{key}"]), rel=1e-3), key
+    assert float(two["curvature/eig_1"]) > 0
+    with_cb, without = torch.load(tmp_path / "weights-with.pt"), torch.load(tmp_path / "weights-without.pt")
+    assert with_cb.keys() == without.keys() and all(torch.equal(with_cb[k], without[k]) for k in with_cb)
+
+
 def test_sharded_strategies_are_refused_with_what_is_supported():
     check_strategy(SingleDeviceStrategy("cpu"))
     check_strategy(DDPStrategy())
