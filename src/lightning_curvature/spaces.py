@@ -8,8 +8,8 @@ the entries of its own parameter shards, as under FSDP2's ``fully_shard``) carri
   :meth:`ShardedSpace.norms`), so every process sees the same small numbers and takes the same branches, and
 - draw every random vector (probes, start vectors) through :meth:`ShardedSpace.draw`, which gives each process the
   entries of *one global vector* that does not depend on how many processes share it: the values of each parameter
-  are drawn whole from a generator keyed by ``(seed, parameter)`` and each process keeps its slice. A 1-process and a
-  2-process run therefore estimate with the same probes and agree to rounding.
+  are drawn whole from a generator keyed by ``(seed, parameter, column)`` and each process keeps its slice. A
+  1-process and a 2-process run therefore estimate with the same probes and agree to rounding.
 
 Memory per process is then ``O(P / world)`` per vector; drawing costs ``O(P)`` time on every process (each draws
 every parameter whole, keeping only its slice) and ``O(largest parameter)`` memory.
@@ -28,7 +28,8 @@ from torch import Tensor
 
 __all__ = ["Piece", "ShardedSpace", "space_of"]
 
-_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads parameter indices over seeds (Knuth's multiplicative hash)
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constants that spread parameter and column indices over seeds (Knuth's
+_GOLDEN_2 = 0xC2B2AE3D27D4EB4F  # multiplicative hashing; the second from MurmurHash3's finaliser)
 
 
 @dataclass(frozen=True)
@@ -148,23 +149,26 @@ class ShardedSpace:
         """This process's ``(local_dim, m)`` rows of ``m`` global random vectors (Rademacher or standard normal).
 
         One seed is drawn from ``generator`` (the same on every process, which holds the same generator state); the
-        entries of parameter ``i`` come from a generator seeded by ``(seed, i)``, drawn whole and sliced, so the global
-        vector is the same whatever the number of processes.
+        entries of parameter ``i`` in column ``j`` come from a generator seeded by ``(seed, i, j)``, drawn whole and
+        sliced, so the global vector is the same whatever the number of processes, and at most one whole parameter
+        is in memory at a time.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
         out = torch.empty((self.local_dim, m), dtype=dtype, device=device)
-        start = 0
-        for i, piece in enumerate(self.pieces):
-            g = torch.Generator(device=gen_device).manual_seed((seed + _GOLDEN * (i + 1)) % 2**63)
-            if distribution == "rademacher":
-                whole = torch.randint(0, 2, (piece.numel, m), generator=g, device=gen_device, dtype=torch.int8)
-                part = piece.take(whole).to(device=device, dtype=dtype).mul_(2).sub_(1)
-            else:
-                whole = torch.randn((piece.numel, m), generator=g, device=gen_device, dtype=dtype)
-                part = piece.take(whole).to(device)
-            out[start:start + piece.local_numel] = part
-            start += piece.local_numel
+        g = torch.Generator(device=gen_device)
+        for j in range(m):  # a column at a time: one whole parameter in memory at once, not m
+            start = 0
+            for i, piece in enumerate(self.pieces):
+                g.manual_seed((seed + _GOLDEN * (i + 1) + _GOLDEN_2 * j) % 2**63)
+                if distribution == "rademacher":
+                    whole = torch.randint(0, 2, (piece.numel, 1), generator=g, device=gen_device, dtype=torch.int8)
+                    part = piece.take(whole).to(device=device, dtype=dtype).mul_(2).sub_(1)
+                else:
+                    whole = torch.randn((piece.numel, 1), generator=g, device=gen_device, dtype=dtype)
+                    part = piece.take(whole).to(device)
+                out[start:start + piece.local_numel, j:j + 1] = part
+                start += piece.local_numel
         return out
 
     def __repr__(self) -> str:
