@@ -452,15 +452,13 @@ def test_compiled_module_runs_its_compiled_graphs_without_recompiling():
 
 
 # ---------------------------------------------------------------------------------------------------- sharded
-@pytest.mark.slow
-def test_fsdp2_sharded_parameters_two_processes(tmp_path):
-    # autograd.grad cannot differentiate with respect to FSDP2's sharded DTensor parameters; loss.backward() can
-    script = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_fd_run.py")
+def _two_ranks(script: str, out) -> dict:
+    """Run ``tests/scripts/<script>`` as ranks 0 and 1 (gloo on a free port); rank 0's JSON output."""
+    path = os.path.join(os.path.dirname(__file__), "scripts", script)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "fsdp.json"
-    procs = [subprocess.Popen([sys.executable, script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, path, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
                                               "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
                                               "OMP_NUM_THREADS": "1"})
@@ -468,11 +466,30 @@ def test_fsdp2_sharded_parameters_two_processes(tmp_path):
     for proc in procs:
         stdout, err = proc.communicate(timeout=300)
         assert "RUN COMPLETE" in stdout, err[-3000:]  # judged by the run, not by gloo's teardown at exit
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_parameters_two_processes(tmp_path):
+    # autograd.grad cannot differentiate with respect to FSDP2's sharded DTensor parameters; loss.backward() can
+    result = _two_ranks("fsdp_fd_run.py", tmp_path / "fsdp.json")
     V, HV, H = (torch.tensor(result[k], dtype=torch.float64) for k in ("probes", "products", "reference"))
     assert _relative_errors(HV, H @ V).max() <= 1e-8  # float64 model
     assert result["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
     assert result["lambda_max_local"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4)
+    assert all(all(c.values()) for c in result["checks"]), result["checks"]
+
+
+@pytest.mark.slow
+def test_fsdp1_sharded_parameters_two_processes(tmp_path):
+    """FSDP1 (FullyShardedDataParallel, use_orig_params=True) on CPU: each parameter a slice of its flattened entries,
+    one rank holding none of a bias; products, eigenvalues and trace through the local shards."""
+    result = _two_ranks("fsdp1_fd_run.py", tmp_path / "fsdp1.json")
+    V, HV, H = (torch.tensor(result[k], dtype=torch.float64) for k in ("probes", "products", "reference"))
+    assert _relative_errors(HV, H @ V).max() <= 1e-8  # float64 model
+    top = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert result["eigenvalues"] == pytest.approx(top.tolist(), rel=1e-6) and all(result["converged"])
+    assert abs(result["trace"] - float(torch.trace(H))) <= 4 * result["trace_stderr"]
     assert all(all(c.values()) for c in result["checks"]), result["checks"]
 
 

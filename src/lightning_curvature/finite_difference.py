@@ -33,14 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from .isolation import rng_guard
-from .spaces import Piece, ShardedSpace
+from .spaces import FlatPiece, Piece, ShardedSpace
 
 try:  # numpy is a torch dependency in practice, but not a hard one
     import numpy as np
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["BackendRace", "FiniteDifferenceOperator", "default_relative_step", "race_backends"]
+__all__ = ["BackendRace", "FiniteDifferenceOperator", "default_relative_step", "fsdp1_layout", "race_backends",
+           "sharded_space"]
 
 MODES: tuple[str, ...] = ("eval", "train")
 VECTORS: tuple[str, ...] = ("whole", "local")
@@ -79,16 +80,65 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def sharded_space(params: list[Tensor]) -> ShardedSpace:
-    """The :class:`~lightning_curvature.spaces.ShardedSpace` of DTensor parameters sharded over one 1-D mesh.
+def fsdp1_layout(module: nn.Module) -> dict[int, tuple[FlatPiece, object]]:
+    """``id(parameter) → (its FlatPiece, the process group)`` for the parameters FSDP1 shards in ``module``.
+
+    FSDP1 (``FullyShardedDataParallel`` with ``use_orig_params=True``, what Lightning's ``FSDPStrategy`` uses) keeps
+    each original parameter, outside forward and backward, as a 1-D view of the range of its flattened entries that
+    lies in this process's shard of a flat parameter; the ranges are read from the flat parameter's shard metadata.
+    Empty when ``module`` holds no FSDP1 unit that shards (``NO_SHARD`` keeps parameters whole, like DDP).
 
     Raises:
-        ValueError: a parameter is not a DTensor, the parameters live on different or multi-dimensional meshes, or a
-            placement is not ``Shard`` (replicated entries would be counted once per process).
+        ValueError: hybrid sharding (two process groups), or FSDP1 without ``use_orig_params=True`` (its parameters
+            are then flat parameters spanning several of the model's).
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    except ImportError:  # pragma: no cover - torch without distributed
+        return {}
+    out: dict[int, tuple[FlatPiece, object]] = {}
+    for unit in FullyShardedDataParallel.fsdp_modules(module):
+        handle = getattr(unit, "_handle", None)
+        if handle is None or unit.sharding_strategy == ShardingStrategy.NO_SHARD:
+            continue
+        if unit.sharding_strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP):
+            raise ValueError(f"FSDP1 with sharding_strategy={unit.sharding_strategy.name} (two process groups) is not "
+                             "supported; FULL_SHARD and SHARD_GRAD_OP are.")
+        flat = handle.flat_param
+        if not getattr(handle, "_use_orig_params", False):
+            raise ValueError("FSDP1 needs use_orig_params=True (Lightning's FSDPStrategy default) for curvature: "
+                             "without it the parameters are flat parameters spanning several of the model's.")
+        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
+            start = int(info.intra_param_start_idx) if info.in_shard else 0
+            length = int(info.numel_in_shard) if info.in_shard else 0
+            out[id(param)] = (FlatPiece(tuple(shape), start, length), unit.process_group)
+    return out
+
+
+def sharded_space(params: list[Tensor], module: nn.Module | None = None) -> ShardedSpace:
+    """The :class:`~lightning_curvature.spaces.ShardedSpace` of sharded parameters.
+
+    FSDP2 (``fully_shard``): DTensor parameters ``Shard``ed over one 1-D mesh. FSDP1 (``FullyShardedDataParallel``
+    with ``use_orig_params=True``, found in ``module``): every parameter in a sharding unit over one process group
+    (see :func:`fsdp1_layout`).
+
+    Raises:
+        ValueError: the parameters are not all sharded that way (a parameter left whole, different or
+            multi-dimensional meshes, a placement other than ``Shard``: replicated entries would be counted once per
+            process).
     """
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    layout = fsdp1_layout(module) if module is not None else {}
+    if layout and not any(hasattr(p, "to_local") for p in params):
+        missing = [i for i, p in enumerate(params) if id(p) not in layout]
+        groups = {id(layout[id(p)][1]) for p in params if id(p) in layout}
+        if missing or len(groups) != 1:
+            raise ValueError("vectors='local' needs every differentiated parameter sharded by FSDP1 over one process "
+                             f"group ({len(missing)} parameter(s) are outside every sharding unit); use "
+                             "vectors='whole' only where no parameter is sharded.")
+        return ShardedSpace([layout[id(p)][0] for p in params], group=layout[id(params[0])][1])
     meshes = {id(getattr(p, "device_mesh", None)) for p in params}
     if not all(hasattr(p, "to_local") for p in params) or len(meshes) != 1:
         raise ValueError("vectors='local' needs every differentiated parameter sharded (a DTensor, e.g. by FSDP2's "
@@ -306,7 +356,10 @@ class FiniteDifferenceOperator:
         # θ, the unperturbed point, whole (gathered from every process if sharded), in the compute dtype; and the
         # values this process writes its perturbations from (its shards, or θ itself)
         #: the sums and draws of sharded vectors (``vectors="local"``), or None for whole vectors
-        self.space: ShardedSpace | None = sharded_space(self._targets) if vectors == "local" else None
+        self.space: ShardedSpace | None = sharded_space(self._targets, module) if vectors == "local" else None
+        if self.space is None and fsdp1_layout(module):
+            raise ValueError("FSDP1 (FullyShardedDataParallel) holds each parameter as a slice of its entries: whole "
+                             "vectors cannot be written into it. Use vectors='local'.")
         self.vectors = vectors
         gather = _local if self.space is not None else _full
         self.params = {k: gather(p.detach()).to(self.dtype, copy=True) for k, p in params.items()}

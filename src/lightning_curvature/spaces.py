@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "ShardedSpace", "space_of"]
+__all__ = ["FlatPiece", "Piece", "ShardedSpace", "space_of"]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constants that spread parameter and column indices over seeds (Knuth's
 _GOLDEN_2 = 0xC2B2AE3D27D4EB4F  # multiplicative hashing; the second from MurmurHash3's finaliser)
@@ -61,11 +61,47 @@ class Piece:
         return box[index].reshape(self.local_numel, whole.shape[-1])
 
 
+@dataclass(frozen=True)
+class FlatPiece:
+    """This process's shard of one parameter as a range of its flattened entries (FSDP1's ``use_orig_params`` views).
+
+    Attributes:
+        shape: the whole parameter's shape.
+        start: the index of the shard's first entry in the flattened parameter.
+        length: how many consecutive entries the shard holds (possibly none).
+    """
+
+    shape: tuple[int, ...]
+    start: int
+    length: int
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        return (self.start,)
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return (self.length,)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def local_numel(self) -> int:
+        return self.length
+
+    def take(self, whole: Tensor) -> Tensor:
+        """This shard's ``(length, m)`` rows of ``whole`` (``(numel, m)``)."""
+        return whole[self.start:self.start + self.length]
+
+
 class ShardedSpace:
     """Vectors whose entries are split over the processes of a group, one shard of each parameter per process.
 
     Args:
-        pieces: this process's :class:`Piece` of each parameter, in the order of its flat (local) vector.
+        pieces: this process's :class:`Piece` (or :class:`FlatPiece`) of each parameter, in the order of its flat
+            (local) vector.
         group: the process group the parameters are sharded over (default: the world).
 
     Attributes:
@@ -75,12 +111,12 @@ class ShardedSpace:
 
     distributed = True
 
-    def __init__(self, pieces: Sequence[Piece], group: object | None = None) -> None:
+    def __init__(self, pieces: Sequence[Piece | FlatPiece], group: object | None = None) -> None:
         self.pieces = list(pieces)
         self.group = group
         self.dim = sum(p.numel for p in self.pieces)
         self.local_dim = sum(p.local_numel for p in self.pieces)
-        self._layouts: list[list[Piece]] | None = None
+        self._layouts: list[list[Piece | FlatPiece]] | None = None
 
     # ------------------------------------------------------------------ reductions
     def _gather(self, t: Tensor) -> Tensor:

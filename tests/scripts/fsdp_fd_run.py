@@ -21,6 +21,9 @@ from torch import nn
 from lightning_curvature import lanczos
 from lightning_curvature.finite_difference import FiniteDifferenceOperator
 
+sys.path.insert(0, os.path.dirname(__file__))
+from dense_reference import cross_entropy_hessian  # noqa: E402
+
 
 def run(rank: int, world: int, out: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -70,16 +73,7 @@ def run(rank: int, world: int, out: str) -> None:
     all_checks = [None] * world
     dist.all_gather_object(all_checks, checks)
     if rank == 0:
-        theta = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
-        names = [n for n, _ in reference.named_parameters()]
-        shapes = [p.shape for p in reference.parameters()]
-
-        def loss(flat: torch.Tensor) -> torch.Tensor:
-            parts = torch.split(flat, [s.numel() for s in shapes])
-            params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
-            return F.cross_entropy(torch.func.functional_call(reference, params, (x,)), y)
-
-        H = torch.autograd.functional.hessian(loss, theta)
+        H = cross_entropy_hessian(reference, x, y)
         with open(out, "w") as f:
             json.dump({"probes": V.tolist(), "products": HV.tolist(), "reference": H.tolist(),
                        "lambda_max": float(top.eigenvalues[0]), "lambda_max_local": float(top_local.eigenvalues[0]),
