@@ -240,6 +240,17 @@ def test_dict_return_and_curvature_loss_hook(tmp_path):
 # ---------------------------------------------------------------- state
 
 
+def test_sharded_vectors_keep_no_update_snapshot_in_a_checkpoint():
+    """Under FSDP the snapshot holds this process's shards, and a checkpoint keeps rank zero's state only: every
+    process would load rank zero's shards as its own (a wrong update_curvature, or a hang on uneven shards)."""
+    cb = CurvatureMonitor()
+    cb._update_snapshot = (3, {"w": torch.ones(2)})
+    assert cb.state_dict()["update_snapshot_step"] == 3
+    cb._vectors = "local"
+    state = cb.state_dict()
+    assert state["update_snapshot"] is None and state["update_snapshot_step"] == -1
+
+
 def test_checkpoint_state_and_resume(tmp_path):
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
     cb = CurvatureMonitor(every_n_train_steps=4, top_k=2, num_probes=3, max_iter=5)

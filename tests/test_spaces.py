@@ -54,18 +54,42 @@ def test_piece_takes_the_box_of_a_shard_in_row_major_order():
     assert Piece((3,), (3,), (0,)).take(torch.arange(3.0).reshape(3, 1)).shape == (0, 1)
 
 
+def _run(tmp_path_factory, world: int, port: str, shapes: str | None = None) -> dict:
+    path = tmp_path_factory.mktemp(f"world{world}") / "out.json"
+    args = [sys.executable, os.path.join(SCRIPTS, "sharded_estimators_run.py"), str(path), str(world), port]
+    proc = subprocess.run(args + ([shapes] if shapes else []), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert "RUN COMPLETE" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for world, port in ((1, "29611"), (2, "29612"), (3, "29613")):
-        path = tmp_path_factory.mktemp(f"world{world}") / "out.json"
-        proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "sharded_estimators_run.py"), str(path),
-                               str(world), port], capture_output=True, text=True, timeout=300, env=env)
-        assert "RUN COMPLETE" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
-        with open(path) as f:
-            out[world] = json.load(f)
-    return out
+    return {world: _run(tmp_path_factory, world, port) for world, port in ((1, "29611"), (2, "29612"), (3, "29613"))}
+
+
+@pytest.fixture(scope="module")
+def empty_rank(tmp_path_factory):
+    """Two parameters of two rows on 3 processes: the third holds no entry of any vector."""
+    return {world: _run(tmp_path_factory, world, port, "[[2, 4], [2, 3]]") for world, port in ((1, "29614"),
+                                                                                               (3, "29615"))}
+
+
+def test_a_process_without_entries_takes_part_in_every_estimator(empty_rank):
+    one, three = empty_rank[1], empty_rank[3]
+    assert three["local_sizes"] == [7, 7, 0] and three["ranks_agree"]
+    for key in ("lanczos", "lanczos_block", "lanczos_warm"):
+        assert three[key]["values"] == pytest.approx([10.0, 6.0, 6.0], rel=1e-10), key
+    assert three["power_warm"]["values"] == pytest.approx([10.0, 6.0], rel=1e-10)
+    for key in ("hutchinson", "hutchpp", "deflated", "deflated_qr"):
+        assert three[key]["value"] == pytest.approx(one[key]["value"], rel=1e-9), key
+
+
+def test_hutchpp_on_the_whole_space_stays_exact_when_the_sketch_is_ill_conditioned(runs, empty_rank):
+    # float32, spectrum {100, 0.01 × (P − 1)}: an orthonormalised H S would lose the small directions
+    for r, P in ((runs[1], 34), (runs[2], 34), (empty_rank[3], 14)):
+        assert r["hutchpp_whole_space"] == pytest.approx(100.0 + 0.01 * (P - 1), rel=1e-5)
 
 
 def test_sharded_runs_split_the_vectors_and_every_rank_takes_the_same_branches(runs):

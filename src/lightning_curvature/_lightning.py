@@ -25,8 +25,10 @@ from .options import MonitorOptions
 LOSS_HOOK = "curvature_loss"
 OUTPUTS_HOOK = "curvature_outputs"
 SUPPORTED_STRATEGIES = (
-    "single device (CPU or one GPU), DDP (strategy='ddp', 'ddp_spawn', 'ddp_notebook'), and FSDP2 through "
-    "ModelParallelStrategy with tensor_parallel_size=1 (fully_shard in configure_model; finite-difference products)"
+    "single device (CPU or one GPU), DDP (strategy='ddp', 'ddp_spawn', 'ddp_notebook'), FSDP2 through "
+    "ModelParallelStrategy with tensor_parallel_size=1 (fully_shard in configure_model), and FSDP1 through "
+    "FSDPStrategy with use_orig_params=True (its default) and sharding_strategy FULL_SHARD or SHARD_GRAD_OP "
+    "(both sharded: finite-difference products)"
 )
 
 
@@ -66,22 +68,37 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 
 def is_sharded(strategy: Any) -> bool:
-    """Whether the strategy shards the parameters across processes (FSDP2 through ``ModelParallelStrategy``)."""
-    return type(strategy).__name__ == "ModelParallelStrategy"
+    """Whether the strategy shards the parameters across processes (FSDP2 or FSDP1)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return type(strategy).__name__ == "ModelParallelStrategy" or isinstance(strategy, FSDPStrategy)
 
 
 def check_strategy(strategy: Any, backend: str = "auto") -> None:
-    """Refuse what cannot work: tensor parallelism, DeepSpeed, FSDP1, and exact backends on sharded parameters.
+    """Refuse what cannot work: tensor parallelism, DeepSpeed, FSDP1 without ``use_orig_params``, exact backends.
 
     Under FSDP2 (``fully_shard``; Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1``) the
-    parameters are sharded DTensors: ``autograd.grad`` cannot differentiate with respect to them, ``loss.backward()``
-    can, so the products are finite differences of the strategy's own gradients.
+    parameters are sharded DTensors, and under FSDP1 (``FSDPStrategy``) slices of flat parameters: ``autograd.grad``
+    cannot differentiate with respect to them, ``loss.backward()`` can, so the products are finite differences of the
+    strategy's own gradients.
     """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
     name = type(strategy).__name__
     deepspeed = any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)  # a DDPStrategy subclass
     if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not deepspeed:
+        return
+    if isinstance(strategy, FSDPStrategy):
+        if not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
+            raise ValueError(
+                "CurvatureMonitor needs FSDPStrategy(use_orig_params=True) (its default): without it the parameters "
+                f"are flat parameters spanning several of the model's. Supported: {SUPPORTED_STRATEGIES}."
+            )
+        if backend not in ("auto", "finite-difference"):
+            raise ValueError(
+                f"CurvatureMonitor(backend={backend!r}) cannot differentiate FSDP1's sharded parameters twice: use "
+                "backend='finite-difference' (or 'auto', which picks it)."
+            )
         return
     if name == "ModelParallelStrategy":
         tp = getattr(strategy, "_tensor_parallel_size", 1)

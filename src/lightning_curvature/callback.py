@@ -188,6 +188,10 @@ class CurvatureMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         snapshot = self._update_snapshot
+        if self._vectors == "local":
+            # this process's shards: a checkpoint keeps rank zero's state only, which every process would load as its
+            # own (a resumed run skips one update_curvature instead)
+            snapshot = None
         return {
             "last_step": self._last_step,
             "num_estimates": self._num_estimates,
@@ -332,32 +336,33 @@ class CurvatureMonitor(Callback):
 
     def _remember_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
-        take = _shard if self._vectors_for(params) == "local" else _whole
+        take = _shard if self._vectors_for(pl_module, params) == "local" else _whole
         self._update_snapshot = (step, {k: take(p.detach()).clone() for k, p in params.items()})
 
-    def _vectors_for(self, params: dict[str, Tensor]) -> str:
-        """FSDP2: ``"local"`` (every vector split like the parameters) where the parameters' layout allows it.
+    def _vectors_for(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> str:
+        """FSDP2, FSDP1: ``"local"`` (every vector split like the parameters) where the parameters' layout allows it.
 
-        Parameters that are not all sharded over one 1-D mesh (some left unsharded, a 2-D mesh) have no split the
-        estimators know: those runs keep whole vectors on every process (``O(P)`` each). Said once in a log line, and
-        again if the choice changes.
+        FSDP2 parameters that are not all sharded over one 1-D mesh (some left unsharded, a 2-D mesh) have no split
+        the estimators know: those runs keep whole vectors on every process (``O(P)`` each). Said once in a log line,
+        and again if the choice changes. (FSDP1 has no such fallback: its flat slices cannot take whole vectors, and
+        the operator says why.)
         """
         if not self._sharded:
             return "whole"
         why = None
         try:
-            sharded_space(list(params.values()))
+            sharded_space(list(params.values()), pl_module)
         except ValueError as err:
             why = str(err).split(";")[0]
         vectors = "whole" if why else "local"
         if vectors != self._vectors:
             self._vectors = vectors
             if why:
-                rank_zero_info(f"CurvatureMonitor: FSDP2: every process holds whole estimator vectors (P entries "
-                               f"each): {why}.")
+                rank_zero_info(f"CurvatureMonitor: sharded parameters: every process holds whole estimator vectors "
+                               f"(P entries each): {why}.")
             else:
-                rank_zero_info("CurvatureMonitor: FSDP2: every estimator vector is sharded like the parameters "
-                               "(P / world entries per process).")
+                rank_zero_info("CurvatureMonitor: sharded parameters: every estimator vector is sharded like the "
+                               "parameters (P / world entries per process).")
         return vectors
 
     # ------------------------------------------------------------------ the estimate
@@ -395,7 +400,7 @@ class CurvatureMonitor(Callback):
         def attempt(backend: str | None) -> tuple[dict[str, float], Any]:
             op = build_operator(pl_module, batches, params, self.options, seed=self._num_estimates,
                                 weights=weights, backend=backend, sharded=self._sharded,
-                                vectors=self._vectors_for(params))
+                                vectors=self._vectors_for(pl_module, params))
             try:
                 return self.plan.run(op, params=params, optimizer=optimizer, previous_params=previous_params), op
             except NonFiniteError:

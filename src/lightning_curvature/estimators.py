@@ -130,6 +130,14 @@ def _dot(space: ShardedSpace | None, a: Tensor, b: Tensor) -> Tensor:
     return _sum(space, torch.dot(a, b))
 
 
+def _columns(x: Tensor) -> Tensor:
+    """``x`` as an ``(n, m)`` block of columns, a vector as one column.
+
+    (``reshape(n, -1)`` fails for ``n = 0``: a process holding no entry of a sharded vector.)
+    """
+    return x if x.ndim == 2 else x.reshape(-1, 1)
+
+
 def _dim(op: CurvatureOperator) -> int:
     """The dimension ``P`` of the space ``op`` acts on (its vectors' length, or the sum over processes' shards)."""
     space = space_of(op)
@@ -304,7 +312,7 @@ def power_iteration(
     if init is not None:
         if init.ndim not in (1, 2) or init.shape[0] != n:
             raise ValueError(f"init must have {n} rows, got shape {tuple(init.shape)}.")
-        init = init.reshape(n, -1)
+        init = _columns(init)
     vectors: list[Tensor] = []
     products: list[Tensor] = []
     matvecs = 0
@@ -929,7 +937,7 @@ def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, generator: 
         Z = space.draw(b, "normal", generator, op.dtype, op.device).T.contiguous()
         Z /= _norm(Z, 1, space)[:, None]
     if init is not None:
-        cols = init.reshape(n, -1).to(device=op.device, dtype=op.dtype)
+        cols = _columns(init).to(device=op.device, dtype=op.dtype)
         cols = cols / _norm(cols, 0, space).clamp_min(torch.finfo(op.dtype).tiny)
         for c in range(min(b, cols.shape[1])):
             w = cols[:, c::b].sum(dim=1)
@@ -1294,6 +1302,12 @@ def hutchpp_trace(
     remaining = num_matvecs - 2 * s
     if remaining < 2 and s < n:
         raise ValueError(f"num_matvecs={num_matvecs} leaves fewer than 2 Hutchinson probes after a sketch of {s}.")
+    if s == n and space is not None:
+        # the sketch would be the whole space, whose orthonormalisation from sharded rows drops the directions H
+        # shrinks below rounding (an ill-conditioned H S): the identity's columns are exact, in n products
+        eye = space.local(torch.eye(n, dtype=op.dtype, device=op.device))
+        exact = float(_sum(space, torch.trace(eye.T @ op.matmat(eye))).to(torch.float64))
+        return TraceResult(value=exact, stderr=0.0, num_matvecs=n, num_probes=0, samples=[])
     S = _draw(op, s, distribution, generator)
     Q = _orthonormal_columns(op.matmat(S), space)
     exact = float(_sum(space, torch.trace(Q.T @ op.matmat(Q))).to(torch.float64)) if Q.shape[1] else 0.0
@@ -1340,7 +1354,9 @@ def deflated_hutchinson_trace(
     """
     op = as_operator(op)
     _check_trace_args(num_probes, min_probes, rtol, distribution, minimum=2)
-    V = eigenvectors.reshape(op.shape[0], -1).to(device=op.device, dtype=op.dtype)
+    if eigenvectors.shape[0] != op.shape[0]:
+        raise ValueError(f"eigenvectors must have {op.shape[0]} rows, got shape {tuple(eigenvectors.shape)}.")
+    V = _columns(eigenvectors).to(device=op.device, dtype=op.dtype)
     space = space_of(op)
     matvecs = 0
     if eigenvalues is None:

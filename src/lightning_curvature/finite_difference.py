@@ -139,6 +139,12 @@ def sharded_space(params: list[Tensor], module: nn.Module | None = None) -> Shar
                              f"group ({len(missing)} parameter(s) are outside every sharding unit); use "
                              "vectors='whole' only where no parameter is sharded.")
         return ShardedSpace([layout[id(p)][0] for p in params], group=layout[id(params[0])][1])
+    if not layout and module is not None and not any(hasattr(p, "to_local") for p in params):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if FullyShardedDataParallel.fsdp_modules(module):
+            raise ValueError("FSDP1 keeps every parameter whole here (NO_SHARD, which it also uses on one process): "
+                             "there is no shard to split the vectors by; use vectors='whole'.")
     meshes = {id(getattr(p, "device_mesh", None)) for p in params}
     if not all(hasattr(p, "to_local") for p in params) or len(meshes) != 1:
         raise ValueError("vectors='local' needs every differentiated parameter sharded (a DTensor, e.g. by FSDP2's "
@@ -252,6 +258,9 @@ class FiniteDifferenceOperator:
     its local length, memory ``O(P / world)`` per vector), reads and writes its shards directly, and the operator
     carries a :class:`~lightning_curvature.spaces.ShardedSpace` (``space``) through which the estimators sum their
     inner products over the processes and draw world-size-invariant probes; the step ``ε`` uses the global norms.
+    FSDP1 (``FullyShardedDataParallel`` with ``use_orig_params=True``, ``FULL_SHARD`` or ``SHARD_GRAD_OP``) keeps each
+    parameter as a 1-D slice of its flattened entries (:func:`fsdp1_layout`): ``vectors="local"`` works on those
+    slices, and whole vectors are refused.
     Every process must build the operator and call every product together (they are collectives). ``loss`` is this
     process's.
 

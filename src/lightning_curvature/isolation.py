@@ -106,10 +106,14 @@ class ModuleState:
         module: the root module.
         tensors: also copy every parameter, buffer and plain tensor attribute, and on :meth:`restore` write back the
             values of those whose version counter moved (an in-place write). Costs one copy of the module's tensors.
+
+    FSDP1's wrappers (``FullyShardedDataParallel``) are left out, the modules they wrap are not: their attributes are
+    the strategy's bookkeeping (lazy initialisation, training state, unshard flags), which a forward and backward
+    leave consistent, and which must not be rolled back to a state from before the first forward.
     """
 
     def __init__(self, module: nn.Module, *, tensors: bool = False) -> None:
-        self._modules = list(module.modules())
+        self._modules = [m for m in module.modules() if type(m).__name__ != "FullyShardedDataParallel"]
         self._dicts: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self._containers: list[tuple[Any, list[Any]]] = []
         memo: dict[int, Any] = {}

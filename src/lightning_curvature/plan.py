@@ -387,15 +387,18 @@ class MeasurementPlan:
         """Curvature along the gradient, ``gᵀHg/‖g‖²``, and along the last update, ``uᵀHu/‖u‖²``."""
         out: dict[str, float] = {}
         update = None
-        if previous is not None and list(previous) == list(op.names) and all(
-            tuple(previous[n].shape) == tuple(s) for n, s in zip(op.names, op.shapes)
-        ):
+        space = space_of(op)
+        usable = previous is not None and list(previous) == list(op.names) and all(
+            tuple(previous[n].shape) == tuple(s) for n, s in zip(op.names, op.shapes))
+        if space is not None:  # on every process, or none (a product some processes skip would hang the others)
+            usable = bool(space.sum(torch.tensor(float(not usable), device=op.device)) == 0)
+        if usable:
+            assert previous is not None
             update = op.flatten(list(op.params.values())) - op.flatten(
                 [previous[n].to(op.device, op.dtype) for n in op.names])
         for key, direction in (("grad_curvature", op.gradient()), ("update_curvature", update)):
             if direction is None:
                 continue
-            space = space_of(op)
             norm2 = float(_sum(space, direction.to(torch.float64).pow(2).sum()))
             if norm2 == 0.0:
                 continue
@@ -448,7 +451,7 @@ class MeasurementPlan:
         out: dict[str, float] = {}
         offsets, start = {}, 0
         for name, n in zip(op.names, op.numels):  # this process's entries, for sharded vectors
-            offsets[name] = (start, start + n)
+            offsets[_unwrapped(name)] = (start, start + n)
             start += n
         index = {
             module: torch.cat([torch.arange(*offsets[p]) for p in names if p in offsets])
@@ -457,7 +460,7 @@ class MeasurementPlan:
         space = space_of(op)
         spaces: dict[str, Any] = {}
         if space is not None:  # each block's own pieces: its probes and sums over the processes
-            piece = dict(zip(op.names, space.pieces))
+            piece = dict(zip(map(_unwrapped, op.names), space.pieces))
             spaces = {module: ShardedSpace([piece[p] for p in names if p in piece], group=space.group)
                       for module, names in self.blocks.items() if module in index}
         if "trace" in o.layer_metrics and index:
@@ -478,6 +481,14 @@ class MeasurementPlan:
                 out[f"eig_mass/{module}"] = float(_sum(space, v[idx.to(v.device)].pow(2).sum())) / total
         _finite(list(out.values()), "per-module estimate")
         return out
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter's name as the user's module has it, without FSDP1's and activation checkpointing's wrappers.
+
+    Per-module blocks are selected before ``configure_model`` wraps the model.
+    """
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _finite(values: Sequence[float], what: str) -> None:

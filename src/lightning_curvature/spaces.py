@@ -145,7 +145,7 @@ class ShardedSpace:
 
     def local(self, x: Tensor) -> Tensor:
         """This process's rows of whole ``(P,)`` or ``(P, m)`` vectors (no collective): the inverse of :meth:`whole`."""
-        columns = x.reshape(x.shape[0], -1)
+        columns = x if x.ndim == 2 else x.reshape(-1, 1)  # (reshape(n, -1) fails for n = 0)
         parts, start = [], 0
         for piece in self.pieces:
             parts.append(piece.take(columns[start:start + piece.numel]))
@@ -164,7 +164,7 @@ class ShardedSpace:
             layouts: list[object] = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(layouts, self.pieces, group=self.group)
             self._layouts = layouts  # type: ignore[assignment]
-        columns = x.reshape(x.shape[0], -1)
+        columns = x if x.ndim == 2 else x.reshape(-1, 1)  # (reshape(n, -1) fails for n = 0)
         sizes = [sum(p.local_numel for p in pieces) for pieces in self._layouts]  # type: ignore[union-attr]
         padded = columns.new_zeros((max(sizes), columns.shape[1]))  # gloo gathers equal sizes only
         padded[: columns.shape[0]] = columns
@@ -187,7 +187,8 @@ class ShardedSpace:
         One seed is drawn from ``generator`` (the same on every process, which holds the same generator state); the
         entries of parameter ``i`` in column ``j`` come from a generator seeded by ``(seed, i, j)``, drawn whole and
         sliced, so the global vector is the same whatever the number of processes, and at most one whole parameter
-        is in memory at a time.
+        is in memory at a time. With ``generator=None`` each process seeds from its own global RNG: the vector is
+        still a valid random vector, but no longer the same on another number of processes.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))

@@ -1,6 +1,11 @@
-"""A 2-process FSDP2 run (Lightning's ModelParallelStrategy, fully_shard) on CPU (gloo), for test_distributed.
+"""A 2-process FSDP2 run (Lightning's ModelParallelStrategy, fully_shard) on CPU (gloo), for test_distributed; or an
+FSDP1 run (Lightning's FSDPStrategy, FullyShardedDataParallel).
 
-Usage: python fsdp_run.py OUTDIR {with,without,one}
+Usage: python fsdp_run.py OUTDIR {with,without,one} [fsdp2|fsdp1]
+
+FSDP1 on CPU: Lightning's FSDPStrategy asks for a GPU accelerator (a check on the exact class, so a subclass passes it)
+and gives FullyShardedDataParallel no CPU device, so the model wraps its layers itself in ``configure_model`` with
+``device_id="cpu"`` (Lightning then keeps that wrapping); everything else is Lightning's FSDPStrategy.
 
 The same 32 examples per step as the single-process reference in the test: ranks get 16 each ("one": the same run with
 the callback on one process, fully_shard over a mesh of one). Writes the CSV logs (rank zero), the final weights
@@ -15,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -39,6 +44,15 @@ class Net(pl.LightningModule):
         self.net = make_model()
 
     def configure_model(self):
+        if FLAVOUR == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            if not isinstance(self.net, FSDP):
+                cpu = torch.device("cpu")
+                for i in (0, 2):
+                    self.net[i] = FSDP(self.net[i], device_id=cpu, use_orig_params=True)
+                self.net = FSDP(self.net, device_id=cpu, use_orig_params=True)
+            return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -59,6 +73,13 @@ class Net(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, past its GPU-only check (see the module docstring)."""
+
+
+FLAVOUR = sys.argv[3] if len(sys.argv) > 3 else "fsdp2"
+
+
 def main():
     out, kind = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -71,10 +92,13 @@ def main():
                                                                     "lambda_min", "density", "preconditioned"],
                                           modules=["net.0", "net.2"], layer_metrics=["trace", "lambda_max",
                                                                                       "eig_mass"]))
+    if FLAVOUR == "fsdp1":
+        strategy = CPUFSDPStrategy(process_group_backend="gloo")
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
     trainer = pl.Trainer(
-        max_steps=5, accelerator="cpu", devices=world,
-        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=False),
+        max_steps=5, accelerator="cpu", devices=world, strategy=strategy,
         callbacks=callbacks, logger=CSVLogger(out, name=kind, version=0), enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
     )

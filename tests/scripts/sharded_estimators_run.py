@@ -1,6 +1,9 @@
 """Every estimator on vectors sharded over WORLD CPU processes (gloo), for tests/test_spaces.py.
 
-Usage: python sharded_estimators_run.py OUT.json WORLD
+Usage: python sharded_estimators_run.py OUT.json WORLD PORT [SHAPES]
+
+SHAPES: the parameters' shapes as JSON (default ``[[7, 3], [5], [2, 4]]``); ``[[2, 4], [2, 3]]`` on 3 processes leaves
+the third with no entry at all.
 
 A dense symmetric float64 matrix acts on the flat vector of three "parameters", each sharded along its first
 dimension as FSDP2 shards (rows in chunks of ``ceil(rows / world)``; the last ranks may hold fewer rows or none). Each
@@ -34,10 +37,16 @@ SHAPES = [(7, 3), (5,), (2, 4)]  # P = 34; with 3 ranks the (2, 4) parameter lea
 def matrix() -> torch.Tensor:
     """A symmetric matrix with a gap at the top, a repeated pair below it and a negative end."""
     P = sum(math.prod(s) for s in SHAPES)
+    return spectrum_matrix(torch.cat([torch.tensor([10.0, 6.0, 6.0]),
+                                      torch.linspace(-2.0, 3.0, P - 3, dtype=torch.float64)]))
+
+
+def spectrum_matrix(spectrum: torch.Tensor) -> torch.Tensor:
+    """``Q diag(spectrum) Qᵀ`` for a fixed random orthogonal ``Q``."""
+    P = spectrum.numel()
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
-    spectrum = torch.cat([torch.tensor([10.0, 6.0, 6.0]), torch.linspace(-2.0, 3.0, P - 3, dtype=torch.float64)])
-    return (Q * spectrum) @ Q.T
+    return (Q * spectrum.to(torch.float64)) @ Q.T
 
 
 def pieces(rank: int, world: int) -> list[Piece]:
@@ -71,7 +80,7 @@ class ShardedDense:
 
     def whole(self, v: torch.Tensor) -> torch.Tensor:
         """The whole vectors (columns) from every rank's rows (padded to the longest: gloo gathers equal sizes)."""
-        v = v.reshape(v.shape[0], -1)
+        v = v if v.ndim == 2 else v.reshape(-1, 1)
         longest = max(i.numel() for i in self.index)
         padded = torch.zeros((longest, v.shape[1]), dtype=v.dtype)
         padded[: v.shape[0]] = v
@@ -91,7 +100,8 @@ class ShardedDense:
         return (self.H @ self.whole(V))[self.index[self.rank]]
 
 
-def run(rank: int, world: int, out: str, port: str) -> None:
+def run(rank: int, world: int, out: str, port: str, shapes: list) -> None:
+    SHAPES[:] = [tuple(s) for s in shapes]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -113,6 +123,13 @@ def run(rank: int, world: int, out: str, port: str) -> None:
                                "cold_matvecs": top.num_matvecs}
     power = power_iteration(op, k=1, tol=1e-10, max_iter=2000, generator=gen())
     results["power"] = {"values": power.eigenvalues.tolist(), "converged": power.converged.tolist()}
+    power_warm = power_iteration(op, k=2, tol=1e-10, max_iter=2000, init=top.eigenvectors[:, 0], generator=gen())
+    results["power_warm"] = {"values": power_warm.eigenvalues.tolist()}
+    # the whole space as Hutch++'s sketch, in float32, on a spectrum H S shrinks to rounding: still exact
+    P = op.space.dim
+    spike = ShardedDense(spectrum_matrix(torch.cat([torch.tensor([100.0]), torch.full((P - 1,), 0.01)])).float(),
+                         rank, world)
+    results["hutchpp_whole_space"] = hutchpp_trace(spike, 3 * P, generator=gen()).value
     for name, fn in (("hutchinson", lambda: hutchinson_trace(op, 30, generator=gen())),
                      ("normal", lambda: hutchinson_trace(op, 30, distribution="normal", generator=gen())),
                      ("hutchpp", lambda: hutchpp_trace(op, 30, generator=gen())),
@@ -138,5 +155,6 @@ def run(rank: int, world: int, out: str, port: str) -> None:
 
 if __name__ == "__main__":
     out_path, world_size, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    mp.spawn(run, args=(world_size, out_path, port), nprocs=world_size, join=True)
+    shapes = json.loads(sys.argv[4]) if len(sys.argv) > 4 else SHAPES
+    mp.spawn(run, args=(world_size, out_path, port, shapes), nprocs=world_size, join=True)
     print("RUN COMPLETE", flush=True)
