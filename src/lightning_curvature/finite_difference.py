@@ -570,11 +570,12 @@ class FiniteDifferenceOperator:
         if self.asymmetry_tol is not None and r > self.asymmetry_tol and not self._warned:
             self._warned = True
             warnings.warn(
-                f"FiniteDifferenceOperator: the loss is not smooth on the scale of the finite-difference step "
-                f"(gradient asymmetry {r:.2g} > asymmetry_tol={self.asymmetry_tol:g} even at "
-                f"ε/{10 ** self.max_shrinks:g}): "
-                "the step crosses kinks of the model (ReLU, max-pooling, ...), so products can be far from the "
-                "exact Hessian's. Use an exact backend, a smooth activation, or dtype=torch.float64 where possible.",
+                f"FiniteDifferenceOperator: the gradient asymmetry stays above asymmetry_tol={self.asymmetry_tol:g} "
+                f"at every step tried, down to ε/{10 ** self.max_shrinks:g} ({r:.2g} at best). Either the loss is not "
+                "smooth on the scale of the step, which crosses kinks of the model (ReLU, max-pooling, ...), and "
+                "products can be far from the exact Hessian's; or, for an asymmetry near the threshold, the "
+                "gradients' rounding is that large (float32 on a smooth model: products then err by at most about the "
+                "asymmetry). Use an exact backend, a smooth activation, or dtype=torch.float64 where possible.",
                 RuntimeWarning,
                 stacklevel=3,
             )
