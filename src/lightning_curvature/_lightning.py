@@ -89,33 +89,27 @@ def check_strategy(strategy: Any, backend: str = "auto") -> None:
     if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not deepspeed:
         return
     if isinstance(strategy, FSDPStrategy):
+        kind = "FSDP1"
         if not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
             raise ValueError(
                 "CurvatureMonitor needs FSDPStrategy(use_orig_params=True) (its default): without it the parameters "
                 f"are flat parameters spanning several of the model's. Supported: {SUPPORTED_STRATEGIES}."
             )
-        if backend not in ("auto", "finite-difference"):
-            raise ValueError(
-                f"CurvatureMonitor(backend={backend!r}) cannot differentiate FSDP1's sharded parameters twice: use "
-                "backend='finite-difference' (or 'auto', which picks it)."
-            )
-        return
-    if name == "ModelParallelStrategy":
+    elif name == "ModelParallelStrategy":
+        kind = "FSDP2"
         tp = getattr(strategy, "_tensor_parallel_size", 1)
         if tp not in (1, "auto"):
             raise ValueError(
                 f"CurvatureMonitor does not support tensor parallelism (ModelParallelStrategy with "
                 f"tensor_parallel_size={tp}). Supported: {SUPPORTED_STRATEGIES}."
             )
-        if backend not in ("auto", "finite-difference"):
-            raise ValueError(
-                f"CurvatureMonitor(backend={backend!r}) cannot differentiate FSDP2's sharded parameters twice: use "
-                "backend='finite-difference' (or 'auto', which picks it)."
-            )
-        return
-    raise ValueError(
-        f"CurvatureMonitor does not support {name}. Supported: {SUPPORTED_STRATEGIES}."
-    )
+    else:
+        raise ValueError(f"CurvatureMonitor does not support {name}. Supported: {SUPPORTED_STRATEGIES}.")
+    if backend not in ("auto", "finite-difference"):
+        raise ValueError(
+            f"CurvatureMonitor(backend={backend!r}) cannot differentiate {kind}'s sharded parameters twice: use "
+            "backend='finite-difference' (or 'auto', which picks it)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- parameters

@@ -39,6 +39,7 @@ from .isolation import ErrorBoundary, NonFiniteError, isolated
 from .operators import HVPUnsupportedError
 from .options import DEFAULT_METRICS, MonitorOptions, args_doc
 from .plan import MeasurementPlan, metric_keys_doc, select_blocks
+from .spaces import shard_of, whole_of
 
 __all__ = ["CurvatureMonitor", "check_strategy", "select_blocks"]
 
@@ -336,7 +337,7 @@ class CurvatureMonitor(Callback):
 
     def _remember_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         params = differentiated_parameters(pl_module, trainer.optimizers, self.options.parameters)
-        take = _shard if self._vectors_for(pl_module, params) == "local" else _whole
+        take = shard_of if self._vectors_for(pl_module, params) == "local" else whole_of
         self._update_snapshot = (step, {k: take(p.detach()).clone() for k, p in params.items()})
 
     def _vectors_for(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> str:
@@ -525,16 +526,6 @@ class CurvatureMonitor(Callback):
                 log_density(logger, prefix + "density", density.grid, density.density, step)
             for name, landscape in self.plan.last_landscapes.items():
                 log_landscape(logger, prefix + name, landscape, step)
-
-
-def _whole(t: Tensor) -> Tensor:
-    """The whole of a sharded (DTensor) parameter, gathered from every process (a collective); else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _shard(t: Tensor) -> Tensor:
-    """This process's shard of a sharded (DTensor) parameter; else ``t``."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _last_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .spaces import shard_of, whole_of
+
 __all__ = ["StabilityInfo", "UnsupportedOptimizer", "adam_preconditioner", "stability_info"]
 
 SGD_LIKE = (torch.optim.SGD,)
@@ -125,17 +127,15 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     for p in params:
         st = state.get(p) if id(p) in group_of else None
         if not st or "exp_avg_sq" not in st:
-            numel = p.to_local().numel() if local and hasattr(p, "to_local") else p.numel()
+            numel = (shard_of(p) if local else p).numel()
             parts.append(torch.zeros(numel, dtype=torch.float64, device=p.device))
             continue
         any_state = True
         g = group_of[id(p)]
         beta1, beta2 = g["betas"]
-        t = float(st["step"].full_tensor() if hasattr(st["step"], "full_tensor") else st["step"])
+        t = float(whole_of(st["step"]))
         v = st["exp_avg_sq"].detach()
-        if hasattr(v, "full_tensor"):  # FSDP2: this process's shard, or whole
-            v = v.to_local() if local else v.full_tensor()
-        v = v.to(torch.float64).reshape(-1)
+        v = (shard_of(v) if local else whole_of(v)).to(torch.float64).reshape(-1)  # FSDP2: this process's shard
         precond = (1 - beta1**t) * ((v / (1 - beta2**t)).sqrt() + g["eps"])
         parts.append(torch.where(v > 0, precond.rsqrt(), torch.zeros_like(v)))
     if not any_state:

@@ -107,12 +107,10 @@ def _norm(x: Tensor, dim: int | None = None, space: ShardedSpace | None = None) 
     otherwise give ``inf`` or ``0``, then NaN or a silently wrong estimate. Outside ``[√tiny, ∞)`` the norm is taken
     again on ``x / max|x|`` (the usual path costs one check of a scalar or a few).
     """
+    if space is not None:  # this process's norms, safely, then over the processes
+        return space.norms(_norm(x, dim))
     n = torch.linalg.vector_norm(x, dim=dim)
-    if space is None and x.numel() == 0:
-        return n
-    if space is not None:
-        return space.norms(n if x.numel() == 0 else _norm(x, dim))
-    if bool((torch.isfinite(n) & (n >= _sqrt_tiny(x.dtype))).all()):
+    if x.numel() == 0 or bool((torch.isfinite(n) & (n >= _sqrt_tiny(x.dtype))).all()):
         return n
     scale = (x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().max()).clamp_min(
         torch.finfo(x.dtype).tiny)
@@ -1441,7 +1439,7 @@ def spectral_density(
     matvecs = 0
     for _ in range(num_probes):
         z = _draw(op, 1, "rademacher", generator)[:, 0]
-        dec = _lanczos_steps(op, z / (z.norm() if space_of(op) is None else _norm(z, space=space_of(op))), steps)
+        dec = _lanczos_steps(op, z / _norm(z, space=space_of(op)), steps)
         matvecs += dec.num_matvecs
         if not bool(torch.isfinite(dec.alpha).all() and torch.isfinite(dec.beta).all()):
             raise FloatingPointError("spectral_density: the Lanczos recurrence is not finite: the operator returned "

@@ -32,8 +32,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .estimators import _norm
 from .isolation import rng_guard
 from .spaces import FlatPiece, Piece, ShardedSpace
+from .spaces import shard_of as _local
+from .spaces import whole_of as _full
 
 try:  # numpy is a torch dependency in practice, but not a hard one
     import numpy as np
@@ -56,28 +59,13 @@ def default_relative_step(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
 
 
-def _norm(x: Tensor, space: ShardedSpace | None) -> float:
-    n = x.norm()
-    return float(n if space is None else space.norms(n))
-
-
 def _asymmetry(g_plus: Tensor, g_minus: Tensor, g0: Tensor, space: ShardedSpace | None = None) -> float:
     """``‖D₊ − D₋‖ / ‖D₊ + D₋‖`` with ``D₊ = g(θ+εv) − g(θ)`` and ``D₋ = g(θ) − g(θ−εv)`` (0 when both vanish)."""
-    num = _norm(g_plus + g_minus - 2.0 * g0, space)
-    den = _norm(g_plus - g_minus, space)
+    num = float(_norm(g_plus + g_minus - 2.0 * g0, space=space))
+    den = float(_norm(g_plus - g_minus, space=space))
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
-
-
-def _local(t: Tensor) -> Tensor:
-    """This process's shard of a DTensor (FSDP2 ``fully_shard``; a view of the parameter's storage), or ``t``."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _full(t: Tensor) -> Tensor:
-    """The whole of a DTensor, gathered from every process (a collective), or ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def fsdp1_layout(module: nn.Module) -> dict[int, tuple[FlatPiece, object]]:

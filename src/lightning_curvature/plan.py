@@ -363,7 +363,7 @@ class MeasurementPlan:
         usable = vectors is not None and vectors.shape[0] == op.shape[0]
         space = space_of(op)
         if space is not None:
-            usable = bool(space.sum(torch.tensor(float(not usable), device=op.device)) == 0)
+            usable = space.all(usable, op.device)
         return vectors if usable else None
 
     def _trace(self, op: Any, top: EigenResult | None) -> TraceResult:
@@ -391,7 +391,7 @@ class MeasurementPlan:
         usable = previous is not None and list(previous) == list(op.names) and all(
             tuple(previous[n].shape) == tuple(s) for n, s in zip(op.names, op.shapes))
         if space is not None:  # on every process, or none (a product some processes skip would hang the others)
-            usable = bool(space.sum(torch.tensor(float(not usable), device=op.device)) == 0)
+            usable = space.all(usable, op.device)
         if usable:
             assert previous is not None
             update = op.flatten(list(op.params.values())) - op.flatten(

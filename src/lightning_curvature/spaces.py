@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FlatPiece", "Piece", "ShardedSpace", "space_of"]
+__all__ = ["FlatPiece", "Piece", "ShardedSpace", "shard_of", "space_of", "whole_of"]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constants that spread parameter and column indices over seeds (Knuth's
 _GOLDEN_2 = 0xC2B2AE3D27D4EB4F  # multiplicative hashing; the second from MurmurHash3's finaliser)
@@ -136,6 +136,14 @@ class ShardedSpace:
         """
         return self._gather(t.detach().to(torch.float64)).sum(dim=0).to(dtype=t.dtype)
 
+    def all(self, flag: bool, device: torch.device | str) -> bool:
+        """Whether ``flag`` holds on every process.
+
+        For choices every process must make alike (a warm start, an extra product), lest some enter a collective the
+        others skip.
+        """
+        return bool(self.sum(torch.tensor(float(not flag), dtype=torch.float64, device=device)) == 0)
+
     def norms(self, local: Tensor) -> Tensor:
         """Global norms from this process's norms of its shards (any shape; without overflow or underflow)."""
         parts = self._gather(local.detach().to(torch.float64))
@@ -210,6 +218,16 @@ class ShardedSpace:
 
     def __repr__(self) -> str:
         return f"ShardedSpace(P={self.dim}, local={self.local_dim}, parameters={len(self.pieces)})"
+
+
+def shard_of(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (FSDP2 ``fully_shard``; a view of the parameter's storage), or ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def whole_of(t: Tensor) -> Tensor:
+    """The whole of a DTensor, gathered from every process (a collective), or ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def space_of(op: object) -> ShardedSpace | None:

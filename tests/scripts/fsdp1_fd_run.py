@@ -10,7 +10,6 @@ reference Hessian of the unsharded model on the whole batch (float64), the produ
 the checks every rank made.
 """
 
-import copy
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from lightning_curvature import hutchinson_trace, lanczos
 from lightning_curvature.finite_difference import FiniteDifferenceOperator
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dense_reference import cross_entropy_hessian  # noqa: E402
+from dense_reference import cross_entropy_hessian, sharded_problem  # noqa: E402
 
 
 def run(rank: int, world: int, out: str) -> None:
@@ -32,15 +31,11 @@ def run(rank: int, world: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    reference = copy.deepcopy(model)
-    model[2] = FSDP(model[2], use_orig_params=True, device_id=torch.device("cpu"))
-    model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
-    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-    F.cross_entropy(model(xs), ys).backward()  # the user's own (sharded) .grad
+    def wrap(model: nn.Module) -> nn.Module:
+        model[2] = FSDP(model[2], use_orig_params=True, device_id=torch.device("cpu"))
+        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+
+    model, reference, (x, y), (xs, ys) = sharded_problem(rank, world, wrap)
     shards = [(p.detach().clone(), p.data_ptr()) for p in model.parameters()]
     grads = [p.grad for p in model.parameters()]
 

@@ -8,7 +8,6 @@ Hessian of the unsharded model on the whole batch (float64, reverse-over-reverse
 ``lanczos`` finds through the operator, and the checks every rank made.
 """
 
-import copy
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from lightning_curvature import lanczos
 from lightning_curvature.finite_difference import FiniteDifferenceOperator
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dense_reference import cross_entropy_hessian  # noqa: E402
+from dense_reference import cross_entropy_hessian, sharded_problem  # noqa: E402
 
 
 def run(rank: int, world: int, out: str) -> None:
@@ -31,16 +30,13 @@ def run(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    reference = copy.deepcopy(model)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in (model[0], model[2], model):
-        fully_shard(layer, mesh=mesh)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
-    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-    F.cross_entropy(model(xs), ys).backward()  # the user's own (sharded) .grad
+    def wrap(model: nn.Module) -> nn.Module:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        return model
+
+    model, reference, (x, y), (xs, ys) = sharded_problem(rank, world, wrap)
     shards = [(p.to_local().clone(), p.to_local().data_ptr()) for p in model.parameters()]
     grads = [p.grad for p in model.parameters()]
 
